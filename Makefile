@@ -1,0 +1,30 @@
+# The two commands a newcomer runs (see README.md):
+#   make run    create .venv (python3.12), install, run the main job on the bundled demo data (CPU)
+#   make test   create/update .venv with the test extra and run the test suite
+SHELL := /bin/bash
+VENV := .venv
+# python3.12 may be a pyenv shim that is not the active version; fall back to pyenv's own binary.
+PYTHON312 := $(shell for p in python3.12 $$(ls -d /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null); do \
+                 $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo $$p; break; }; done)
+
+.PHONY: run test venv venv-test
+
+$(VENV)/.installed: setup.py
+	@test -n "$(PYTHON312)" || { echo "python3.12 not found: install Python 3.12"; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON312) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed setup.py
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
+
+run: venv
+	$(VENV)/bin/python -m af_next_jax.smoke
+
+test: venv-test
+	$(VENV)/bin/python -m pytest -q tests

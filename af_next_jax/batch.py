@@ -1,0 +1,60 @@
+"""The batch contract between the data pipeline, the model and the trainer.
+
+A batch is a dict of arrays with static shapes (so one compiled step serves every batch):
+
+  token_ids       [B, L] int32    text ids; each audio is `<|sound_bos|>` + N x `<sound>` + `<|sound_eos|>`
+  positions       [B, L] int32    RoPE position of each token inside its packed example (0, 1, ...)
+  segment_ids     [B, L] int32    packed example of each token: 1, 2, ... per row; 0 = padding
+  target_ids      [B, L] int32    the next token of the same example (already shifted; 0 where none)
+  loss_mask       [B, L] float32  1 where target_ids is trained (assistant turns), else 0
+  mel_windows     [W, M, T] float32  log-mel of every 30 s window in the batch (M mel bins, T frames)
+  mel_valid_frames [W] int32      valid (unpadded) mel frames of each window; 0 = padding window
+  window_index    [W] int32       index of the window inside its audio (0, 1, ...; resets per audio),
+                                  the window axis of RoTE
+
+Windows are ordered as their `<sound>` runs appear in token_ids read row-major (row 0 first), an
+audio's windows consecutive. The run of an audio holds exactly
+`sum(encoder_tokens_for_frames(mel_valid_frames[w]))` over its windows: the model scatters the valid
+encoder tokens into the `<sound>` slots in that order (as transformers' `masked_scatter` does).
+Text-only batches carry W >= 1 padding windows with mel_valid_frames = 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from af_next_jax.config import ModelConfig, encoder_tokens_for_frames
+
+TEXT_FIELDS = ("token_ids", "positions", "segment_ids", "target_ids", "loss_mask")
+AUDIO_FIELDS = ("mel_windows", "mel_valid_frames", "window_index")
+FIELDS = TEXT_FIELDS + AUDIO_FIELDS
+
+
+def validate_batch(batch: dict, config: ModelConfig) -> None:
+    """Host-side check of the contract above; raises ValueError naming the field and the numbers."""
+    missing = [name for name in FIELDS if name not in batch]
+    if missing:
+        raise ValueError(f"batch is missing fields {missing}; a batch needs {list(FIELDS)}")
+    text_shape = np.shape(batch["token_ids"])
+    if len(text_shape) != 2:
+        raise ValueError(f"token_ids must be [batch, length], got shape {text_shape}")
+    for name in TEXT_FIELDS:
+        if np.shape(batch[name]) != text_shape:
+            raise ValueError(f"{name} has shape {np.shape(batch[name])}, expected {text_shape} like token_ids")
+    encoder = config.encoder
+    expected_mel = (encoder.num_mel_bins, encoder.mel_frames_per_window)
+    mel_shape = np.shape(batch["mel_windows"])
+    if len(mel_shape) != 3 or mel_shape[1:] != expected_mel:
+        raise ValueError(f"mel_windows must be [windows, {expected_mel[0]}, {expected_mel[1]}], got {mel_shape}")
+    for name in ("mel_valid_frames", "window_index"):
+        if np.shape(batch[name]) != mel_shape[:1]:
+            raise ValueError(f"{name} has shape {np.shape(batch[name])}, expected ({mel_shape[0]},)")
+    valid_frames = np.asarray(batch["mel_valid_frames"])
+    if valid_frames.min(initial=0) < 0 or valid_frames.max(initial=0) > encoder.mel_frames_per_window:
+        raise ValueError(f"mel_valid_frames must lie in [0, {encoder.mel_frames_per_window}], "
+                         f"got range [{valid_frames.min()}, {valid_frames.max()}]")
+    audio_slots = int((np.asarray(batch["token_ids"]) == config.audio_token_id).sum())
+    audio_tokens = int(encoder_tokens_for_frames(valid_frames.astype(np.int64)).sum())
+    if audio_slots != audio_tokens:
+        raise ValueError(f"token_ids hold {audio_slots} <sound> slots (id {config.audio_token_id}) but the "
+                         f"windows give {audio_tokens} encoder tokens; they must be equal")

@@ -1,0 +1,36 @@
+"""af-next-jax: JAX/Flax training stack for AF-Next-style audio-language models."""
+
+from setuptools import find_packages, setup
+
+# The Pallas kernels live in the `kernels/` folder but are imported as `af_next_kernels`:
+# a top-level package named `kernels` would shadow the PyPI `kernels` package that
+# transformers probes for.
+setup(
+    name="af-next-jax",
+    version="0.1.0",
+    python_requires=">=3.12",
+    packages=find_packages(include=["af_next_jax", "af_next_jax.*"]) + ["af_next_kernels"],
+    package_dir={"af_next_kernels": "kernels"},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "librosa>=0.11",
+        "soundfile>=0.13",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "tensorstore>=0.1.70",
+        "chex>=0.1.90",
+        "safetensors>=0.5",
+        "tokenizers>=0.21",
+        "numpy>=2.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.24"],
+    },
+)
