@@ -1,0 +1,6 @@
+"""Test session set-up: 8 fake CPU devices (sharding tests) before jax is first imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
