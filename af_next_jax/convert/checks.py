@@ -1,0 +1,30 @@
+"""Validation of a checkpoint against the rules: keys and shapes, with messages naming them."""
+
+from __future__ import annotations
+
+import jax
+import flax.linen as nn
+
+from af_next_jax.config import ModelConfig
+
+
+def check_keys(present: set[str], rules) -> None:
+    expected = {key for rule in rules for key in rule.hf_keys()}
+    missing = sorted(expected - present)
+    unexpected = sorted(present - expected)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), first: {missing[0]!r}"
+                         + (f" (and {missing[1:4]})" if len(missing) > 1 else ""))
+    if unexpected:
+        raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensor(s), first: {unexpected[0]!r}"
+                         + (f" (and {unexpected[1:4]})" if len(unexpected) > 1 else ""))
+
+
+def expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Shapes of every parameter of a model with this config (abstract init: no memory used)."""
+    from af_next_jax.model.af_next import AFNextModel
+    from af_next_jax.model.synthetic import synthetic_batch
+    batch = synthetic_batch(config, audio_frames_per_example=[[]], seq_len=8)
+    abstract = jax.eval_shape(AFNextModel(config).init, jax.random.key(0), batch)
+    flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract)["params"])[0]
+    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}

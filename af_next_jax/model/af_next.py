@@ -1,0 +1,94 @@
+"""The whole AF-Next model: encode audio windows, stamp time (RoTE), project, merge into text, decode.
+
+transformers reference: `MusicFlamingoForConditionalGeneration` (RoTE) and
+`AudioFlamingo3ForConditionalGeneration` (`config.rote is None`). Inputs follow `af_next_jax/batch.py`.
+Parameters: {"encoder", "projector", "decoder"}; RoTE has none.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from af_next_jax.config import ModelConfig
+from af_next_jax.model import axes
+from af_next_jax.model.decoder import Decoder
+from af_next_jax.model.encoder import AudioEncoder
+from af_next_jax.model.projector import Projector
+from af_next_jax.model.rote import apply_rotary_time_embedding
+
+# Parameters that are fixed tables in the checkpoint and must never be updated by an optimizer.
+FROZEN_PARAMETERS = (("encoder", "embed_positions"),)
+# Sequence-parallel implementations whose causal load balancing permutes the decoder sequence.
+LOAD_BALANCED_IMPLEMENTATIONS = ("ring", "hybrid")
+
+
+def merge_audio_into_text(text_embeds_BxLxD, token_ids_BxL, audio_embeds_NxTxD, audio_valid_NxT, audio_token_id):
+    """Scatter the valid audio tokens, in window order, into the `<sound>` slots read row-major.
+
+    The k-th `<sound>` slot of the batch receives the k-th valid encoder token (transformers'
+    `masked_scatter`). Written as a gather so it has static shapes and shards over the sequence.
+    """
+    windows, tokens, width = audio_embeds_NxTxD.shape
+    flat_audio_MxD = audio_embeds_NxTxD.reshape(windows * tokens, width)
+    valid_source_M = jnp.nonzero(audio_valid_NxT.reshape(-1), size=windows * tokens, fill_value=0)[0]
+    is_audio_BxL = token_ids_BxL == audio_token_id
+    slot_rank_BxL = (jnp.cumsum(is_audio_BxL.reshape(-1)) - 1).reshape(is_audio_BxL.shape)
+    slot_rank_BxL = jnp.clip(slot_rank_BxL, 0, windows * tokens - 1)
+    audio_at_slots_BxLxD = jnp.take(flat_audio_MxD, valid_source_M[slot_rank_BxL], axis=0)
+    merged_BxLxD = jnp.where(is_audio_BxL[..., None], audio_at_slots_BxLxD.astype(text_embeds_BxLxD.dtype),
+                             text_embeds_BxLxD)
+    return axes.constrain(merged_BxLxD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+
+class AFNextModel(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        config = self.config
+        dtype = jnp.dtype(config.compute_dtype)
+        # The encoder's windows are short (1500): it is parallelised over windows, never over sequence.
+        encoder_attention = "pallas" if config.attention_implementation == "pallas" else "xla"
+        self.encoder = AudioEncoder(config.encoder, dtype, config.remat_policy, config.scan_layers, encoder_attention)
+        self.projector = Projector(config.projector, config.decoder.hidden_size, dtype)
+        self.decoder = Decoder(config.decoder, dtype, config.remat_policy, config.scan_layers,
+                               config.attention_implementation)
+
+    def encode_audio_windows(self, mel_windows_NxMxT, mel_valid_frames_N, window_index_N):
+        """Log-mel windows -> projected audio embeddings [N, T, decoder width] and their valid mask."""
+        audio_NxTxA, valid_NxT = self.encoder(mel_windows_NxMxT, mel_valid_frames_N)
+        if self.config.rote is not None:
+            audio_NxTxA = apply_rotary_time_embedding(audio_NxTxA, window_index_N, self.config.rote)
+        return self.projector(audio_NxTxA), valid_NxT
+
+    def embed_audio_and_text(self, batch):
+        text_BxLxD = self.decoder.embed(batch["token_ids"])
+        if "mel_windows" not in batch:
+            return text_BxLxD
+        audio_NxTxD, valid_NxT = self.encode_audio_windows(
+            batch["mel_windows"], batch["mel_valid_frames"], batch["window_index"])
+        return merge_audio_into_text(text_BxLxD, batch["token_ids"], audio_NxTxD, valid_NxT,
+                                     self.config.audio_token_id)
+
+    def __call__(self, batch, *, return_hidden: bool = False):
+        """Logits [B, L, vocab] (or final hidden states [B, L, D] with `return_hidden`)."""
+        embeds_BxLxD = self.embed_audio_and_text(batch)
+        positions_BxL, segment_ids_BxL = batch["positions"], batch["segment_ids"]
+        load_balanced = self.config.attention_implementation in LOAD_BALANCED_IMPLEMENTATIONS
+        if load_balanced:
+            from af_next_jax.parallel.layout import from_load_balanced, to_load_balanced
+            embeds_BxLxD, positions_BxL, segment_ids_BxL = (
+                to_load_balanced(x, axis=1) for x in (embeds_BxLxD, positions_BxL, segment_ids_BxL))
+        hidden_BxLxD = self.decoder(embeds_BxLxD, positions_BxL, segment_ids_BxL)
+        if load_balanced:
+            hidden_BxLxD = from_load_balanced(hidden_BxLxD, axis=1)
+        return hidden_BxLxD if return_hidden else self.decoder.logits(hidden_BxLxD)
+
+    def output_projection(self):
+        """The lm_head matrix [hidden, vocab], for losses that compute logits in chunks."""
+        return self.decoder.output_projection()
+
+
+def output_projection(model: AFNextModel, params):
+    return model.apply(params, method=AFNextModel.output_projection)

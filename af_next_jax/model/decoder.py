@@ -1,0 +1,115 @@
+"""Qwen2 decoder: GQA attention with split-halves RoPE, SwiGLU MLP, float32 RMSNorm, untied lm_head.
+
+transformers reference: `Qwen2ForCausalLM` (qwen2/modeling_qwen2.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from af_next_jax.config import DecoderConfig
+from af_next_jax.model import axes
+from af_next_jax.model.attention import dot_product_attention
+from af_next_jax.model.layers import DEFAULT_KERNEL_INIT, RMSNorm, dense, stack_layers
+
+ACTIVATION_AXES = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
+
+
+def rope_angles(positions_BxL, *, head_dim: int, theta: float):
+    """[B, L, head_dim / 2] float32 angles: position x theta^(-2i / head_dim)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    return positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+
+
+def apply_rope_split_halves(x_BxLxHxK, angles_BxLxF):
+    """Rotate (first half, second half) channel pairs: transformers' `rotate_half` convention."""
+    cos = jnp.cos(angles_BxLxF)[:, :, None, :]
+    sin = jnp.sin(angles_BxLxF)[:, :, None, :]
+    x32 = x_BxLxHxK.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x_BxLxHxK.dtype)
+
+
+class DecoderLayer(nn.Module):
+    config: DecoderConfig
+    dtype: jnp.dtype
+    attention_implementation: str
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+        config = self.config
+        h_BxLxD = RMSNorm(config.rms_norm_eps, self.dtype, name="input_layernorm")(x_BxLxD)
+        query_BxLxHxK = dense((config.num_heads, config.head_dim), (axes.EMBED, axes.Q_HEADS, axes.HEAD_DIM),
+                              use_bias=True, name="q_proj", dtype=self.dtype)(h_BxLxD)
+        key_BxLxGxK = dense((config.num_kv_heads, config.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
+                            use_bias=True, name="k_proj", dtype=self.dtype)(h_BxLxD)
+        value_BxLxGxK = dense((config.num_kv_heads, config.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
+                              use_bias=True, name="v_proj", dtype=self.dtype)(h_BxLxD)
+        query_BxLxHxK = axes.constrain(query_BxLxHxK, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+        key_BxLxGxK = axes.constrain(key_BxLxGxK, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+        value_BxLxGxK = axes.constrain(value_BxLxGxK, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+
+        angles_BxLxF = rope_angles(positions_BxL, head_dim=config.head_dim, theta=config.rope_theta)
+        query_BxLxHxK = apply_rope_split_halves(query_BxLxHxK, angles_BxLxF)
+        key_BxLxGxK = apply_rope_split_halves(key_BxLxGxK, angles_BxLxF)
+        attended_BxLxHxK = dot_product_attention(
+            query_BxLxHxK, key_BxLxGxK, value_BxLxGxK, causal=True, segment_ids_q_BxL=segment_ids_BxL,
+            segment_ids_kv_BxS=segment_ids_BxL, implementation=self.attention_implementation)
+        attended_BxLxHxK = checkpoint_name(attended_BxLxHxK, "attention_out")
+        out_BxLxD = dense(config.hidden_size, (axes.Q_HEADS, axes.HEAD_DIM, axes.EMBED), axis=(-2, -1),
+                          use_bias=False, name="o_proj", dtype=self.dtype)(attended_BxLxHxK)
+        x_BxLxD = axes.constrain(x_BxLxD + out_BxLxD, ACTIVATION_AXES)
+
+        h_BxLxD = RMSNorm(config.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x_BxLxD)
+        gate_BxLxF = dense(config.intermediate_size, (axes.EMBED, axes.MLP), use_bias=False, name="gate_proj",
+                           dtype=self.dtype)(h_BxLxD)
+        up_BxLxF = dense(config.intermediate_size, (axes.EMBED, axes.MLP), use_bias=False, name="up_proj",
+                         dtype=self.dtype)(h_BxLxD)
+        h_BxLxF = axes.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+        h_BxLxD = dense(config.hidden_size, (axes.MLP, axes.EMBED), use_bias=False, name="down_proj",
+                        dtype=self.dtype)(h_BxLxF)
+        return axes.constrain(x_BxLxD + h_BxLxD, ACTIVATION_AXES), None
+
+
+class Decoder(nn.Module):
+    """Token embedding, the layer stack and the final norm; `logits` applies the lm_head."""
+
+    config: DecoderConfig
+    dtype: jnp.dtype
+    remat_policy: str = "none"
+    scan_layers: bool = True
+    attention_implementation: str = "xla"
+
+    def setup(self):
+        config = self.config
+        self.embed_tokens = self.param(
+            "embed_tokens", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, (axes.VOCAB, axes.EMBED)),
+            (config.vocab_size, config.hidden_size), jnp.float32)
+        self.layers = stack_layers(DecoderLayer, num_layers=config.num_layers, remat=self.remat_policy,
+                                   scan=self.scan_layers, name="layers", config=config, dtype=self.dtype,
+                                   attention_implementation=self.attention_implementation)
+        self.norm = RMSNorm(config.rms_norm_eps, self.dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, (axes.EMBED, axes.VOCAB)),
+                (config.hidden_size, config.vocab_size), jnp.float32)
+
+    def embed(self, token_ids_BxL):
+        embeds_BxLxD = jnp.take(self.embed_tokens, token_ids_BxL, axis=0).astype(self.dtype)
+        return axes.constrain(embeds_BxLxD, ACTIVATION_AXES)
+
+    def __call__(self, embeds_BxLxD, positions_BxL, segment_ids_BxL):
+        hidden_BxLxD, _ = self.layers(embeds_BxLxD, positions_BxL, segment_ids_BxL)
+        return self.norm(hidden_BxLxD)
+
+    def output_projection(self):
+        """The [hidden, vocab] lm_head matrix (the embedding's transpose when tied)."""
+        return self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head
+
+    def logits(self, hidden_BxLxD):
+        logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD, self.output_projection().astype(self.dtype))
+        return axes.constrain(logits_BxLxV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))

@@ -1,0 +1,91 @@
+"""Small building blocks shared by the encoder, projector and decoder, each with logical axes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from af_next_jax.model import axes
+
+DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def dense(features, kernel_axes, *, use_bias, name, dtype, axis=-1):
+    """DenseGeneral with float32 parameters, `dtype` compute and logical axes on kernel and bias."""
+    features_tuple = features if isinstance(features, tuple) else (features,)
+    bias_axes = kernel_axes[-len(features_tuple):]
+    return nn.DenseGeneral(
+        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, kernel_axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes))
+
+
+def layer_norm(*, epsilon, name, dtype, feature_axis):
+    """LayerNorm with scale and bias (Whisper); statistics are reduced in float32."""
+    return nn.LayerNorm(
+        epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (feature_axis,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (feature_axis,)))
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in float32, cast back, then scale (transformers' op order)."""
+
+    epsilon: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.EMBED,)),
+                           (x_BxLxD.shape[-1],), jnp.float32)
+        x32 = x_BxLxD.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (scale.astype(self.dtype) * normed.astype(self.dtype)).astype(self.dtype)
+
+
+def gelu_exact(x):
+    """erf GELU, as Whisper and the projector use (not the tanh approximation)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def remat_policy(name: str):
+    """Map a config remat name to a jax.checkpoint policy; None = no remat."""
+    policies = {
+        "none": None,
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    }
+    return policies[name]
+
+
+def stack_layers(layer_cls, *, num_layers: int, remat: str, scan: bool, name: str, **layer_kwargs):
+    """Build `num_layers` copies of a layer `(x, *broadcast) -> (x, None)`.
+
+    With `scan`, parameters are stacked on a leading `layers` axis and the body is compiled once, so
+    compile time does not grow with depth. Remat wraps one layer (the per-layer policy).
+    """
+    policy = remat_policy(remat)
+    body = layer_cls if remat == "none" else nn.remat(layer_cls, policy=policy, prevent_cse=not scan)
+    if scan:
+        scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=nn.broadcast, length=num_layers,
+                          metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+        return scanned(name=name, **layer_kwargs)
+    return _UnrolledLayers(body=body, num_layers=num_layers, layer_kwargs=tuple(layer_kwargs.items()), name=name)
+
+
+class _UnrolledLayers(nn.Module):
+    """Python loop over layers (`scan_layers=False`); used to measure what scan saves."""
+
+    body: type
+    num_layers: int
+    layer_kwargs: tuple
+
+    @nn.compact
+    def __call__(self, x, *broadcast):
+        for index in range(self.num_layers):
+            x, _ = self.body(name=f"layer_{index}", **dict(self.layer_kwargs))(x, *broadcast)
+        return x, None
