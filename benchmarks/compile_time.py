@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 16])
     args = parser.parse_args()
     print(f"machine: {platform.machine()} CPU, {jax.device_count()} device(s), jax {jax.__version__}")
+    compile_seconds(1, True)  # warm-up: the first compile in a process also pays for JAX start-up
     print("| layers (encoder + decoder each) | scan: compile s | unrolled: compile s |")
     print("| --- | --- | --- |")
     for depth in args.depths:
