@@ -18,6 +18,7 @@ setup(
         "orbax-checkpoint>=0.11",
         "grain>=0.2.12",
         "librosa>=0.11",
+        "scipy>=1.11",
         "soundfile>=0.13",
         "sentencepiece>=0.2",
         "ml-collections>=1.0",
@@ -31,6 +32,6 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.24"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.24", "tiktoken>=0.7"],
     },
 )

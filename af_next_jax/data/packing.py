@@ -1,0 +1,138 @@
+"""Sequence packing into the static-shape batch of af_next_jax/batch.py, as a checkpointable grain stage.
+
+First fit: each example goes into the first of the B rows with room for its tokens, provided the
+batch's window budget W still holds its windows; the first example that fits nowhere closes the
+batch and opens the next one. Examples are never split, so no attention crosses examples and an
+audio's `<sound>` run never straddles two rows.
+
+Each batch also carries `STATS_KEY`: per-reason counts of the examples skipped while it was built,
+the number of examples packed and of audios truncated at the window cap. `BatchIterator` pops it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import grain
+
+from af_next_jax.data.manifest import SKIP_REASONS
+
+STATS_KEY = "_data_stats"
+STAT_NAMES = SKIP_REASONS + ("examples", "truncated_audio")
+
+
+class BatchBuilder:
+    """Accumulates prepared examples into one batch of `batch_size` rows x `seq_len` tokens."""
+
+    def __init__(self, batch_size: int, seq_len: int, max_windows: int, mel_shape: tuple[int, int], pad_id: int):
+        self.batch_size, self.seq_len, self.max_windows = batch_size, seq_len, max_windows
+        self.mel_shape, self.pad_id = mel_shape, pad_id
+        self.rows: list[list[dict]] = [[] for _ in range(batch_size)]
+        self.row_lengths = [0] * batch_size
+        self.num_windows = 0
+        self.stats = np.zeros(len(STAT_NAMES), np.int64)
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.row_lengths)
+
+    def count_skip(self, reason: str) -> None:
+        self.stats[STAT_NAMES.index(reason)] += 1
+
+    def try_add(self, example: dict) -> bool:
+        length, windows = len(example["token_ids"]), len(example["valid_frames"])
+        if self.num_windows + windows > self.max_windows:
+            return False
+        for row, used in enumerate(self.row_lengths):
+            if used + length <= self.seq_len:
+                self.rows[row].append(example)
+                self.row_lengths[row] += length
+                self.num_windows += windows
+                self.stats[STAT_NAMES.index("examples")] += 1
+                self.stats[STAT_NAMES.index("truncated_audio")] += example["truncated_audio"]
+                return True
+        return False
+
+    def build(self) -> dict:
+        shape = (self.batch_size, self.seq_len)
+        token_ids = np.full(shape, self.pad_id, np.int32)
+        positions = np.zeros(shape, np.int32)
+        segment_ids = np.zeros(shape, np.int32)
+        target_ids = np.zeros(shape, np.int32)
+        loss_mask = np.zeros(shape, np.float32)
+        mel_windows = np.zeros((self.max_windows, *self.mel_shape), np.float32)
+        mel_valid_frames = np.zeros(self.max_windows, np.int32)
+        window_index = np.zeros(self.max_windows, np.int32)
+        window = 0
+        # Row-major order: windows follow their <sound> runs as token_ids read row 0 first.
+        for row, examples in enumerate(self.rows):
+            offset = 0
+            for segment, example in enumerate(examples, start=1):
+                ids, length = example["token_ids"], len(example["token_ids"])
+                span = slice(offset, offset + length)
+                token_ids[row, span] = ids
+                positions[row, span] = np.arange(length)
+                segment_ids[row, span] = segment
+                # Targets stay inside the example: its last token predicts nothing.
+                target_ids[row, offset:offset + length - 1] = ids[1:]
+                loss_mask[row, offset:offset + length - 1] = example["trainable"][1:]
+                offset += length
+                count = len(example["valid_frames"])
+                mel_windows[window:window + count] = example["mel"]
+                mel_valid_frames[window:window + count] = example["valid_frames"]
+                window_index[window:window + count] = example["window_index"]
+                window += count
+        return {"token_ids": token_ids, "positions": positions, "segment_ids": segment_ids,
+                "target_ids": target_ids, "loss_mask": loss_mask, "mel_windows": mel_windows,
+                "mel_valid_frames": mel_valid_frames, "window_index": window_index,
+                STATS_KEY: self.stats.copy()}
+
+
+class PackedBatchIterDataset(grain.IterDataset):
+    """Prepared examples (or `{"skip": reason}` records) -> packed batches."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, seq_len: int, max_windows: int,
+                 mel_shape: tuple[int, int], pad_id: int):
+        super().__init__(parent)
+        self._builder_args = (batch_size, seq_len, max_windows, tuple(mel_shape), pad_id)
+
+    def __iter__(self):
+        return _PackedBatchIterator(self._parent.__iter__(), self._builder_args)
+
+    def __str__(self) -> str:
+        return f"PackedBatchIterDataset{self._builder_args[:3]}"
+
+
+class _PackedBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, builder_args):
+        super().__init__(parent)
+        self._builder_args = builder_args
+        # The example that closed the previous batch, and the parent state from before it was read:
+        # saving that state (not the current one) makes a restored iterator re-read it.
+        self._pending: dict | None = None
+        self._pending_state = None
+
+    def __next__(self) -> dict:
+        builder = BatchBuilder(*self._builder_args)
+        if self._pending is not None:
+            builder.try_add(self._pending)
+            self._pending = self._pending_state = None
+        while True:
+            state = self._parent.get_state()
+            try:
+                example = next(self._parent)
+            except StopIteration:
+                if builder.empty:
+                    raise
+                return builder.build()
+            if "skip" in example:
+                builder.count_skip(example["skip"])
+            elif not builder.try_add(example):
+                self._pending, self._pending_state = example, state
+                return builder.build()
+
+    def get_state(self) -> dict:
+        return {"parent": self._pending_state if self._pending is not None else self._parent.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._pending = self._pending_state = None

@@ -1,0 +1,85 @@
+"""Packing into the batch contract: segments, positions, shifted targets, window order, no cross-talk."""
+
+import numpy as np
+
+from af_next_jax import config as config_lib
+from af_next_jax.batch import validate_batch
+from af_next_jax.config import encoder_tokens_for_frames
+from af_next_jax.data.packing import STATS_KEY, BatchBuilder
+
+CONFIG = config_lib.tiny()
+ENCODER = CONFIG.encoder
+MEL_SHAPE = (ENCODER.num_mel_bins, ENCODER.mel_frames_per_window)
+
+
+def _example(tag: int, text_length: int, valid_frames=()):
+    """An example whose ids, mel and trainable flags encode `tag`, so the packed batch can be traced."""
+    valid_frames = np.asarray(valid_frames, np.int32)
+    audio = int(encoder_tokens_for_frames(valid_frames).sum()) if len(valid_frames) else 0
+    ids = np.concatenate([np.full(text_length, 10 + tag), np.full(audio, CONFIG.audio_token_id),
+                          np.arange(20, 23)]).astype(np.int32)
+    ids[0] = 5  # a header token
+    trainable = np.zeros(len(ids), bool)
+    trainable[-3:] = True
+    mel = np.full((len(valid_frames), *MEL_SHAPE), float(tag), np.float32)
+    return {"token_ids": ids, "trainable": trainable, "mel": mel, "valid_frames": valid_frames,
+            "window_index": np.arange(len(valid_frames), dtype=np.int32), "truncated_audio": 0}
+
+
+def _pack(examples, batch_size=2, seq_len=256, max_windows=4):
+    builder = BatchBuilder(batch_size, seq_len, max_windows, MEL_SHAPE, pad_id=0)
+    added = [builder.try_add(example) for example in examples]
+    return builder.build(), added
+
+
+def test_segments_positions_and_targets_stay_inside_each_example():
+    examples = [_example(1, 30, [500]), _example(2, 40), _example(3, 20, [500, 120])]
+    batch, added = _pack(examples)
+    assert all(added)
+    batch.pop(STATS_KEY)
+    validate_batch(batch, CONFIG)
+    for row in range(2):
+        for segment in np.unique(batch["segment_ids"][row]):
+            if segment == 0:
+                continue
+            span = np.flatnonzero(batch["segment_ids"][row] == segment)
+            ids = batch["token_ids"][row, span]
+            assert np.all(np.diff(span) == 1)
+            assert batch["positions"][row, span].tolist() == list(range(len(span)))
+            assert batch["target_ids"][row, span[:-1]].tolist() == ids[1:].tolist()
+            assert batch["target_ids"][row, span[-1]] == 0 and batch["loss_mask"][row, span[-1]] == 0
+            # The last 3 tokens are trainable, so the 3 positions predicting them carry the loss.
+            assert batch["loss_mask"][row, span].tolist() == [0.0] * (len(span) - 4) + [1.0, 1.0, 1.0, 0.0]
+    assert batch["loss_mask"][batch["segment_ids"] == 0].sum() == 0
+
+
+def test_windows_follow_sound_runs_in_row_major_order():
+    # Row 0 gets examples 1 and 2 (the second fits after the first), row 1 gets example 3.
+    examples = [_example(1, 50, [500]), _example(2, 10, [200]), _example(3, 150, [500, 300])]
+    batch, added = _pack(examples, seq_len=400)
+    assert all(added)
+    assert batch["segment_ids"][0].max() == 2 and batch["segment_ids"][1].max() == 1
+    tags = batch["mel_windows"][:, 0, 0].tolist()
+    assert tags == [1.0, 2.0, 3.0, 3.0]
+    assert batch["window_index"].tolist() == [0, 0, 0, 1]
+    assert batch["mel_valid_frames"].tolist() == [500, 200, 500, 300]
+
+
+def test_window_budget_and_row_length_close_the_batch():
+    batch, added = _pack([_example(1, 10, [500, 500, 500]), _example(2, 10, [500, 500]), _example(3, 200)],
+                         batch_size=1, seq_len=512, max_windows=4)
+    assert added == [True, False, False]  # 3 + 2 windows > 4; 200 text tokens no longer fit the row
+
+
+def test_text_only_batch_carries_padding_windows():
+    batch, _ = _pack([_example(1, 30)], max_windows=2)
+    batch.pop(STATS_KEY)
+    validate_batch(batch, CONFIG)
+    assert batch["mel_windows"].shape == (2, *MEL_SHAPE) and batch["mel_valid_frames"].tolist() == [0, 0]
+
+
+def test_example_of_exactly_seq_len_fits_an_empty_row_and_longer_never_does():
+    builder = BatchBuilder(2, 64, 8, MEL_SHAPE, pad_id=0)
+    assert not builder.try_add(_example(1, 62))  # 65 tokens
+    assert builder.try_add(_example(2, 61))  # 64 tokens
+    assert builder.try_add(_example(3, 61)) and not builder.try_add(_example(4, 1))  # both rows full

@@ -1,0 +1,198 @@
+"""The grain pipeline: contract, host sharding, seeded shuffles, mixtures, resume determinism, skips."""
+
+import json
+
+import numpy as np
+import pytest
+
+from af_next_jax.batch import validate_batch
+from af_next_jax.data.pipeline import (DataConfig, SkipThresholdExceeded, make_batch_iterator,
+                                       manifest_records)
+
+
+def _config(demo_dir, **changes):
+    base = DataConfig(manifests=(str(demo_dir / "train.jsonl"),), tokenizer=str(demo_dir / "tokenizer.json"),
+                      seq_len=512, batch_size=2, max_windows_per_batch=8, num_threads=1, seed=3,
+                      process_index=0, process_count=1)
+    return base.replace(**changes)
+
+
+def _take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def _assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_batches_follow_the_contract(demo_dir, tiny_config):
+    iterator = make_batch_iterator(_config(demo_dir), tiny_config)
+    for batch in _take(iterator, 3):
+        validate_batch(batch, tiny_config)
+        assert batch["token_ids"].shape == (2, 512) and batch["mel_windows"].shape == (8, 128, 500)
+        assert batch["loss_mask"].sum() > 0 and (batch["mel_valid_frames"] > 0).sum() > 0
+
+
+def test_hosts_own_disjoint_shards_that_cover_the_manifest(demo_dir):
+    shards = [list(manifest_records(_config(demo_dir, process_index=host, process_count=2, num_epochs=1)))
+              for host in range(2)]
+    lines = [set(number for _, number, _ in shard) for shard in shards]
+    total = len(open(demo_dir / "train.jsonl").read().splitlines())
+    assert lines[0].isdisjoint(lines[1]) and len(lines[0] | lines[1]) == total
+
+
+def test_shuffle_is_seeded_and_reshuffled_each_epoch(demo_dir):
+    def order(seed):
+        records = manifest_records(_config(demo_dir, seed=seed, num_epochs=2))
+        return [number for _, number, _ in records]
+
+    first, again, other = order(3), order(3), order(4)
+    half = len(first) // 2
+    assert first == again and first != other
+    assert sorted(first[:half]) == sorted(first[half:]) and first[:half] != first[half:]
+
+
+def test_mixture_follows_weights(demo_dir, tmp_path):
+    second = tmp_path / "other.jsonl"
+    second.write_text(open(demo_dir / "heldout.jsonl").read().replace('"clips/', f'"{demo_dir}/clips/'))
+    config = _config(demo_dir, manifests=(str(demo_dir / "train.jsonl"), str(second)), weights=(3.0, 1.0))
+    records = manifest_records(config)
+    sources = [records[index][0] for index in range(400)]
+    assert sources.count(str(second)) == pytest.approx(100, abs=5)
+
+
+# Two worker processes cost ~30 s of process start-up on a 2-core box: that variant runs with -m slow.
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_restored_iterator_continues_exactly(demo_dir, tiny_config, num_workers):
+    config = _config(demo_dir, num_workers=num_workers)
+    iterator = make_batch_iterator(config, tiny_config)
+    _take(iterator, 2)
+    state = iterator.get_state()
+    expected = _take(iterator, 3)
+    iterator.close()
+    restored = make_batch_iterator(config, tiny_config)
+    restored.set_state(state)
+    _assert_same_batches(_take(restored, 3), expected)
+    restored.close()
+
+
+def test_orbax_grain_handler_saves_and_restores_the_iterator(demo_dir, tiny_config, tmp_path):
+    import grain
+    from etils import epath
+
+    iterator = make_batch_iterator(_config(demo_dir), tiny_config)
+    _take(iterator, 1)
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(iterator))
+    expected = _take(iterator, 2)
+    restored = handler.restore(epath.Path(tmp_path),
+                               args=grain.checkpoint.CheckpointRestore(make_batch_iterator(_config(demo_dir),
+                                                                                           tiny_config)))
+    _assert_same_batches(_take(restored, 2), expected)
+
+
+def _bad_manifest(demo_dir, tmp_path, write_wav):
+    good = [json.loads(line) for line in open(demo_dir / "train.jsonl").read().splitlines()[:6]]
+    for record in good:
+        record["audio"][0]["path"] = str(demo_dir / record["audio"][0]["path"])
+
+    def with_audio(path, **changes):
+        return json.dumps({**good[0], "audio": [{"path": path}], **changes})
+
+    bad_wav = tmp_path / "junk.wav"
+    bad_wav.write_bytes(b"RIFF" + bytes(range(200)))
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    import soundfile
+
+    soundfile.write(str(tmp_path / "nan.wav"), np.full(8000, np.nan, np.float32), 16000, subtype="FLOAT")
+    long_text = {**good[1], "conversation": good[1]["conversation"][:2]
+                 + [{"role": "assistant", "content": "beep " * 600}]}
+    lines = [json.dumps(record) for record in good] + [
+        "{not json",
+        with_audio(str(tmp_path / "missing.wav")),
+        with_audio(str(empty)),
+        with_audio(str(bad_wav)),
+        with_audio(str(tmp_path / "nan.wav")),
+        json.dumps({**good[2], "conversation": good[2]["conversation"][:2]}),
+        json.dumps(long_text),
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, {"malformed_json": 1, "missing_audio": 1, "empty_audio": 1, "corrupt_audio": 1, "nan_audio": 1,
+                  "no_assistant_turn": 1, "too_long": 1}
+
+
+def test_bad_input_is_skipped_and_counted_by_reason(demo_dir, tiny_config, tmp_path, write_wav):
+    path, expected = _bad_manifest(demo_dir, tmp_path, write_wav)
+    config = _config(demo_dir, manifests=(str(path),), num_epochs=1, skip_threshold=1.0, batch_size=4)
+    iterator = make_batch_iterator(config, tiny_config)
+    batches = list(iterator)
+    assert sum(int(batch["segment_ids"].max(axis=1).sum()) for batch in batches) == 6
+    counts = iterator.skip_counts()
+    assert {reason: count for reason, count in counts.items() if count} == expected
+    metrics = iterator.metrics()
+    assert metrics["data/examples"] == 6 and metrics["data/skip_fraction"] == pytest.approx(7 / 13)
+
+
+def test_skip_fraction_above_threshold_stops_with_a_summary(demo_dir, tiny_config, tmp_path, write_wav):
+    path, _ = _bad_manifest(demo_dir, tmp_path, write_wav)
+    config = _config(demo_dir, manifests=(str(path),), skip_threshold=0.2, skip_check_after=10, batch_size=4)
+    iterator = make_batch_iterator(config, tiny_config)
+    with pytest.raises(SkipThresholdExceeded, match=r"missing_audio: \d+.*inspect"):
+        _take(iterator, 20)
+
+
+def test_inspect_reports_every_problem_with_its_line_number(demo_dir, tmp_path, write_wav, capsys):
+    from af_next_jax.data.__main__ import main
+
+    path, expected = _bad_manifest(demo_dir, tmp_path, write_wav)
+    code = main(["inspect", "--manifest", str(path), "--tokenizer", str(demo_dir / "tokenizer.json"),
+                 "--seq-len", "512"])
+    output = capsys.readouterr().out
+    assert code == 1
+    assert "lines: 13  valid: 6  problems: 7" in output
+    for line_number, reason in enumerate(["malformed_json", "missing_audio", "empty_audio", "corrupt_audio",
+                                          "nan_audio", "no_assistant_turn", "too_long"], start=7):
+        assert f"line {line_number}: [{reason}]" in output
+    assert "tokens per example" in output
+
+
+def test_audio_beyond_the_window_cap_is_truncated_and_counted(demo_dir, tiny_config):
+    iterator = make_batch_iterator(_config(demo_dir, max_windows_per_audio=1, num_epochs=1), tiny_config)
+    batches = list(iterator)
+    assert all((batch["window_index"] == 0).all() for batch in batches)  # one window per audio kept
+    events = json.load(open(demo_dir / "events.json"))
+    records = [json.loads(line) for line in open(demo_dir / "train.jsonl")]
+    longer_than_a_window = sum(events[record["audio"][0]["path"]]["duration"] > 5.0 for record in records)
+    assert iterator.metrics()["data/truncated_audio"] == longer_than_a_window
+    assert iterator.metrics()["data/truncated_audio"] > 0
+
+
+def test_data_config_errors_say_what_to_change(demo_dir):
+    with pytest.raises(ValueError, match="weights must be 1 positive numbers"):
+        _config(demo_dir, weights=(1.0, 2.0))
+    with pytest.raises(ValueError, match="skip_threshold is a fraction"):
+        _config(demo_dir, skip_threshold=5)
+
+
+def test_two_audios_in_one_example_and_text_only_examples(demo_dir, tiny_config, tmp_path):
+    events = json.load(open(demo_dir / "events.json"))
+    long_clip = next(clip for clip, event in events.items() if event["duration"] > 5.0)
+    short_clip = next(clip for clip, event in events.items() if event["duration"] <= 5.0)
+    two_audio = {"audio": [str(demo_dir / long_clip), str(demo_dir / short_clip)],
+                 "conversation": [{"role": "user", "content": "<sound> vs <sound>"},
+                                  {"role": "assistant", "content": "The first is longer."}]}
+    text_only = {"conversation": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(two_audio) + "\n" + json.dumps(text_only) + "\n")
+    config = _config(demo_dir, manifests=(str(path),), num_epochs=1, shuffle=False, batch_size=1, seq_len=1024)
+    batch = next(make_batch_iterator(config, tiny_config))
+    validate_batch(batch, tiny_config)
+    assert batch["segment_ids"].max() == 2
+    assert batch["window_index"][:3].tolist() == [0, 1, 0]  # the index restarts for the second audio
+    assert batch["mel_valid_frames"][3:].tolist() == [0] * 5
