@@ -56,12 +56,7 @@ def from_hf_config(hf: dict, **overrides) -> ModelConfig:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {MODEL_TYPES} "
                          f"(or a bare qwen2 + whisper pair, see `convert from-hf --help`)")
     audio, text = hf["audio_config"], hf["text_config"]
-    encoder = EncoderConfig(
-        num_mel_bins=audio.get("num_mel_bins", 128), hidden_size=audio.get("hidden_size", audio.get("d_model", 1280)),
-        num_layers=audio.get("num_hidden_layers", audio.get("encoder_layers", 32)),
-        num_heads=audio.get("num_attention_heads", audio.get("encoder_attention_heads", 20)),
-        intermediate_size=audio.get("intermediate_size", audio.get("encoder_ffn_dim", 5120)),
-        max_source_positions=audio.get("max_source_positions", 1500))
+    encoder = encoder_from_audio_config(audio)
     decoder = decoder_from_qwen2_config(text)
     rote = None
     if model_type != "audioflamingo3":
@@ -69,14 +64,27 @@ def from_hf_config(hf: dict, **overrides) -> ModelConfig:
         rote = RoteConfig(theta=_rope_theta(hf, 1200.0),
                           partial_rotary_factor=float(rope.get("partial_rotary_factor", 0.2)),
                           audio_frame_step=float(hf.get("audio_frame_step", 0.01)))
+    audio_token_id = hf.get("audio_token_id", 151669)
     fields = dict(encoder=encoder, decoder=decoder, rote=rote,
                   projector=ProjectorConfig(use_bias=hf.get("projector_bias", True),
                                             activation=hf.get("projector_hidden_act", "gelu")),
-                  audio_token_id=hf.get("audio_token_id", 151669),
-                  audio_bos_token_id=hf.get("audio_bos_token_id", 151670),
-                  audio_eos_token_id=hf.get("audio_eos_token_id", 151671))
+                  audio_token_id=audio_token_id,
+                  # AF3's config.json has no bos/eos ids; its tokenizer puts them right after <sound>
+                  # (151669, 151670, 151671), which also holds for configs with a resized vocabulary.
+                  audio_bos_token_id=hf.get("audio_bos_token_id", audio_token_id + 1),
+                  audio_eos_token_id=hf.get("audio_eos_token_id", audio_token_id + 2))
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def encoder_from_audio_config(audio: dict) -> EncoderConfig:
+    """An `audioflamingo3_encoder` audio_config, or a Whisper config.json (`d_model`, `encoder_layers`, ...)."""
+    return EncoderConfig(
+        num_mel_bins=audio.get("num_mel_bins", 128), hidden_size=audio.get("hidden_size", audio.get("d_model", 1280)),
+        num_layers=audio.get("num_hidden_layers", audio.get("encoder_layers", 32)),
+        num_heads=audio.get("num_attention_heads", audio.get("encoder_attention_heads", 20)),
+        intermediate_size=audio.get("intermediate_size", audio.get("encoder_ffn_dim", 5120)),
+        max_source_positions=audio.get("max_source_positions", 1500))
 
 
 def decoder_from_qwen2_config(text: dict) -> DecoderConfig:

@@ -1,0 +1,149 @@
+"""`python -m af_next_jax.convert {from-hf,to-hf,verify}`: Hugging Face <-> our orbax checkpoint.
+
+  from-hf --hf-dir DIR --out CKPT                          MusicFlamingo / AF3 / AF-Next directory
+  from-hf --qwen2-dir DIR --whisper-dir DIR --out CKPT     new model: Qwen2 LLM + Whisper encoder,
+                                                           random projector, default RoTE
+  to-hf --checkpoint CKPT --out DIR [--dtype bfloat16] [--tokenizer-dir DIR] [--max-shard-size 5GB]
+  verify --hf-dir DIR --checkpoint CKPT                    logit check, exit 1 when over tolerance
+
+Exit status: 0 done, 1 verify over tolerance, 2 bad input (the message names the file, key or shape;
+nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from af_next_jax.convert.orbax_io import ConversionError
+
+EXIT_OK, EXIT_OVER_TOLERANCE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def from_hf(args) -> int:
+    from af_next_jax.convert import hf_import, orbax_io
+    if args.hf_dir and (args.qwen2_dir or args.whisper_dir):
+        raise ConversionError("give either --hf-dir, or --qwen2-dir with --whisper-dir, not both")
+    if args.hf_dir:
+        plan = hf_import.plan_audio_model(args.hf_dir)
+    elif args.qwen2_dir and args.whisper_dir:
+        ids = {name: getattr(args, name) for name in ("audio_token_id", "audio_bos_token_id", "audio_eos_token_id")
+               if getattr(args, name) is not None}
+        plan = hf_import.plan_qwen2_whisper(args.qwen2_dir, args.whisper_dir, rote=not args.no_rote,
+                                            seed=args.seed, **ids)
+    else:
+        raise ConversionError("from-hf needs --hf-dir, or both --qwen2-dir and --whisper-dir")
+    if args.max_windows_per_audio is not None:
+        plan.config = plan.config.replace(max_windows_per_audio=args.max_windows_per_audio)
+    start = time.perf_counter()
+    with orbax_io.atomic_directory(args.out, args.overwrite) as staging:
+        params = hf_import.read_params(plan, progress=not args.quiet)
+        orbax_io.save_checkpoint(staging, params, plan.config, plan.info)
+    print(f"wrote {args.out}: {len(plan.assignments)} tensors, {_gigabytes(plan.source_bytes)} read "
+          f"({plan.info['hf_dtype']}), model_type "
+          f"{'musicflamingo (RoTE)' if plan.config.rote else 'audioflamingo3 (no RoTE)'}, "
+          f"{time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+
+
+def to_hf(args) -> int:
+    from af_next_jax.convert import hf_export, orbax_io
+    config = orbax_io.load_config(args.checkpoint)
+    info = orbax_io.load_conversion_info(args.checkpoint)
+    dtype = args.dtype or info.get("hf_dtype") or "float32"
+    if dtype not in hf_export.EXPORT_DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {sorted(hf_export.EXPORT_DTYPES)}")
+    _check_checkpoint_shapes(args.checkpoint, config)
+    start = time.perf_counter()
+    with orbax_io.atomic_directory(args.out, args.overwrite) as staging, \
+            orbax_io.open_params(args.checkpoint) as params:
+        summary = hf_export.write_hf_directory(
+            staging, params, config, dtype=dtype, max_shard_size=args.max_shard_size,
+            tokenizer_dir=args.tokenizer_dir, generation_config=info.get("generation_config"),
+            progress=not args.quiet)
+    print(f"wrote {args.out}: {summary['tensors']} tensors in {summary['shards']} shard(s), "
+          f"{_gigabytes(summary['bytes'])} {dtype}, tokenizer files {summary['tokenizer_files'] or 'none'}, "
+          f"{time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+
+
+def _check_checkpoint_shapes(checkpoint, config) -> None:
+    """The checkpoint's arrays (orbax metadata, no data read) must be those of its model_config.json."""
+    from af_next_jax.convert.checks import expected_shapes
+    from af_next_jax.convert.orbax_io import parameter_shapes
+    found, expected = parameter_shapes(checkpoint), expected_shapes(config)
+    for path in sorted(set(found) | set(expected)):
+        if found.get(path) != expected.get(path):
+            raise ConversionError(f"{checkpoint}: parameter {'/'.join(path)} has shape {found.get(path)} but its "
+                                  f"model_config.json implies {expected.get(path)}")
+
+
+def verify(args) -> int:
+    from af_next_jax.convert.verify import verify as run_verify
+    from af_next_jax.convert.verify import hf_weight_dtype
+    result = run_verify(args.hf_dir, args.checkpoint, tolerance=args.tolerance, seed=args.seed,
+                        round_to_hf_dtype=not args.keep_checkpoint_dtype)
+    dtype = hf_weight_dtype(args.hf_dir)
+    if dtype != "float32":
+        print(f"HF weights are {dtype}; ours were " + ("kept in float32" if args.keep_checkpoint_dtype
+                                                        else f"rounded to {dtype} first"))
+    print(result.report())
+    return EXIT_OK if result.passed else EXIT_OVER_TOLERANCE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m af_next_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("from-hf", help="HF directory -> our orbax checkpoint")
+    p.add_argument("--hf-dir", help="MusicFlamingo / AudioFlamingo3 / AF-Next directory (config.json + safetensors)")
+    p.add_argument("--qwen2-dir", help="bare Qwen2 directory: the decoder of a new model")
+    p.add_argument("--whisper-dir", help="Whisper (or AF3 / AF3-encoder) directory: the encoder of a new model")
+    p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.add_argument("--no-rote", action="store_true", help="new model without RoTE (AF3-style); default has RoTE")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new model's random projector")
+    p.add_argument("--audio-token-id", type=int, help="new model: id of <sound> (default 151669)")
+    p.add_argument("--audio-bos-token-id", type=int, help="new model: id of <|sound_bos|> (default 151670)")
+    p.add_argument("--audio-eos-token-id", type=int, help="new model: id of <|sound_eos|> (default 151671)")
+    p.add_argument("--max-windows-per-audio", type=int, help="override the 30 s windows per audio in the config")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=from_hf)
+
+    p = commands.add_parser("to-hf", help="our orbax checkpoint -> HF directory")
+    p.add_argument("--checkpoint", required=True, help="directory written by from-hf (or the trainer)")
+    p.add_argument("--out", required=True, help="HF directory to create")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="tensor dtype (default: the dtype the checkpoint was imported from, else float32)")
+    p.add_argument("--tokenizer-dir", help="copy tokenizer / processor files from this directory")
+    p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=to_hf)
+
+    p = commands.add_parser("verify", help="compare logits of transformers and ours on random audio + text")
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |diff| / max |logit| allowed (1e-4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random batch")
+    p.add_argument("--keep-checkpoint-dtype", action="store_true",
+                   help="with bfloat16/float16 HF weights, compare against our float32 weights as they are "
+                        "(measures the export's precision loss) instead of rounding them the same way")
+    p.set_defaults(run=verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConversionError, ValueError, FileNotFoundError) as error:
+        # ValueError also covers config validation (e.g. an unknown model_type, bad dimensions).
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT

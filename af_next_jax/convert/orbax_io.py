@@ -1,0 +1,201 @@
+"""Our converted checkpoint on disk: an orbax checkpoint of the parameters + the ModelConfig as JSON.
+
+Layout of a checkpoint directory CKPT (what `convert from-hf` writes and `to-hf`/`verify` read):
+
+  CKPT/params/            orbax PyTree checkpoint {"params": {"encoder", "projector", "decoder"}}: float32,
+                          layers stacked on axis 0 (the nn.scan layout); plain zarr (not OCDBT), 32 MiB
+                          chunks. Any orbax reader restores it (StandardCheckpointer, CheckpointManager
+                          items, or `load_params` here).
+  CKPT/model_config.json  our ModelConfig (dataclasses as nested dicts), so later commands need no flags
+  CKPT/conversion.json    where the weights came from: source directories, the source dtype (the default
+                          dtype of `to-hf`) and the source's generation_config.json, if any
+
+Directories are written under a temporary sibling and renamed into place at the end, so a failed
+conversion never leaves a partial CKPT (or HF directory) behind.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from af_next_jax.config import DecoderConfig, EncoderConfig, ModelConfig, ProjectorConfig, RoteConfig
+
+PARAMS_DIR = "params"
+MODEL_CONFIG_FILE = "model_config.json"
+CONVERSION_FILE = "conversion.json"
+CHUNK_BYTES = 32 * 2**20  # one zarr chunk file; bounds the memory tensorstore holds while writing
+# XLA's CPU client aliases (does not copy) host buffers with this alignment.
+HOST_ALIGNMENT = 64
+
+_PART_CLASSES = {"encoder": EncoderConfig, "rote": RoteConfig, "projector": ProjectorConfig,
+                 "decoder": DecoderConfig}
+
+
+class ConversionError(ValueError):
+    """Bad input to a conversion: the message names the file, key, shape or value and what is valid."""
+
+
+def config_to_dict(config: ModelConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(fields: dict) -> ModelConfig:
+    """Inverse of `config_to_dict`; unknown fields are an error (a config written by a newer version)."""
+    fields = dict(fields)
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConversionError(f"model config has unknown fields {unknown}; known fields: {sorted(known)}")
+    for name, cls in _PART_CLASSES.items():
+        if fields.get(name) is not None:
+            fields[name] = cls(**fields[name])
+    return ModelConfig(**fields)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary directory beside `out`; on success it is renamed to `out`, on error removed."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise ConversionError(f"output {out} already exists; choose another path or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():  # overwrite: move the old one aside first so the swap is quick
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """np.empty whose data starts on a HOST_ALIGNMENT boundary, so jax.device_put on CPU can alias it."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def save_checkpoint(directory: str | os.PathLike, params: dict, config: ModelConfig,
+                    conversion: dict | None = None) -> None:
+    """Write params + config into an existing, empty `directory` (use inside `atomic_directory`)."""
+    import jax
+    import orbax.checkpoint as ocp
+    directory = Path(directory).absolute()
+    # Peak host memory while saving, measured (benchmarks/convert_memory.py): orbax copies numpy leaves
+    # (+1x the model) but not CPU jax arrays, and device_put of a 64-byte-aligned numpy array to the
+    # CPU aliases it (`aligned_empty`); OCDBT buffers all encoded data until its commit (+~1x), plain
+    # zarr with bounded chunks writes chunk by chunk (+ a few chunks). Restoring reads either layout.
+    # The CPU device explicitly: on a GPU host the default device would copy the model to the GPU.
+    cpu = jax.devices("cpu")[0]
+    params = jax.tree.map(lambda x: jax.device_put(x, cpu), params)
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
+        checkpointer.save(directory / PARAMS_DIR, params, save_args=save_args)
+    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    (directory / CONVERSION_FILE).write_text(json.dumps(conversion or {}, indent=2) + "\n")
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    path = Path(directory) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(f"{directory} is not a converted checkpoint: {MODEL_CONFIG_FILE} is missing "
+                              f"(write one with `python -m af_next_jax.convert from-hf`)")
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def load_conversion_info(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONVERSION_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _params_path(directory) -> Path:
+    path = Path(directory).absolute() / PARAMS_DIR
+    if not path.is_dir():
+        raise ConversionError(f"{directory} has no orbax parameters at {path}")
+    return path
+
+
+def load_params(directory: str | os.PathLike) -> dict:
+    """The whole {"params": ...} tree as float32 numpy arrays (no device memory used)."""
+    import jax
+    import orbax.checkpoint as ocp
+    path = _params_path(directory)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def parameter_shapes(directory: str | os.PathLike) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path inside "params": shape} from the checkpoint's metadata; reads no array data."""
+    import jax
+    import orbax.checkpoint as ocp
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        tree = checkpointer.metadata(_params_path(directory)).item_metadata.tree
+    flat = jax.tree_util.tree_flatten_with_path(tree.get("params", {}))[0]
+    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+class LazyParams(collections.abc.Mapping):
+    """A read-only {"params": ...} view of a checkpoint that restores a leaf only when it is indexed,
+    so an exporter holds one stacked array at a time instead of the whole model."""
+
+    def __init__(self, checkpointer, path: Path, node: dict, prefix: tuple[str, ...] = ()):
+        self._checkpointer, self._path, self._node, self._prefix = checkpointer, path, node, prefix
+
+    def __getitem__(self, name):
+        child = self._node[name]
+        if isinstance(child, collections.abc.Mapping):
+            return LazyParams(self._checkpointer, self._path, child, self._prefix + (name,))
+        return self._restore_leaf(self._prefix + (name,))
+
+    def __iter__(self):
+        return iter(self._node)
+
+    def __len__(self):
+        return len(self._node)
+
+    def __contains__(self, name):
+        return name in self._node
+
+    def _restore_leaf(self, path: tuple[str, ...]) -> np.ndarray:
+        import orbax.checkpoint as ocp
+        item, restore_args = np.zeros(0), ocp.RestoreArgs(restore_type=np.ndarray)
+        for name in reversed(path):
+            item, restore_args = {name: item}, {name: restore_args}
+        restored = self._checkpointer.restore(self._path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+        for name in path:
+            restored = restored[name]
+        return restored
+
+
+@contextlib.contextmanager
+def open_params(directory: str | os.PathLike):
+    """Yield a LazyParams over the checkpoint's parameters."""
+    import orbax.checkpoint as ocp
+    path = _params_path(directory)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        yield LazyParams(checkpointer, path, tree)
+
+
+def checkpoint_bytes(directory: str | os.PathLike) -> int:
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random MusicFlamingo / AF3 models saved as transformers writes them."""
+
+import logging
+
+import pytest
+
+from af_next_jax.config import tiny
+from af_next_jax.convert import cli
+from hf_reference import build_audio_model
+
+CONFIGS = {"musicflamingo": tiny(), "audioflamingo3": tiny(rote=None)}
+
+
+def run_cli(*argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="session", params=sorted(CONFIGS))
+def saved_model(request, tmp_path_factory):
+    """(model_type, our config, the transformers model, its save_pretrained directory in 200 KB shards)."""
+    config = CONFIGS[request.param]
+    hf_model, _ = build_audio_model(config, seed=5)
+    hf_dir = tmp_path_factory.mktemp(request.param) / "hf"
+    hf_model.save_pretrained(hf_dir, max_shard_size="200KB")
+    return request.param, config, hf_model, hf_dir
+
+
+@pytest.fixture(scope="session")
+def converted(saved_model, tmp_path_factory):
+    """saved_model imported with from-hf, then exported with to-hf (float32, 300 KB shards)."""
+    model_type, _, _, hf_dir = saved_model
+    root = tmp_path_factory.mktemp(f"{model_type}_converted")
+    assert run_cli("from-hf", "--hf-dir", hf_dir, "--out", root / "ckpt", "--quiet") == 0
+    assert run_cli("to-hf", "--checkpoint", root / "ckpt", "--out", root / "hf", "--max-shard-size", "300KB",
+                   "--quiet") == 0
+    return root / "ckpt", root / "hf"
+
+
+class CapturedLogs(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings():
+    """Warnings transformers logs (its logger does not propagate to pytest's caplog)."""
+    handler = CapturedLogs()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
