@@ -99,7 +99,10 @@ class Decoder(nn.Module):
                 (config.hidden_size, config.vocab_size), jnp.float32)
 
     def embed(self, token_ids_BxL):
-        embeds_BxLxD = jnp.take(self.embed_tokens, token_ids_BxL, axis=0).astype(self.dtype)
+        # Gather rows from a table sharded over vocab only, so the lookup yields sequence-sharded
+        # embeddings instead of an all-gathered [B, L, D].
+        table_VxD = axes.constrain(self.embed_tokens, (axes.VOCAB, None))
+        embeds_BxLxD = jnp.take(table_VxD, token_ids_BxL, axis=0).astype(self.dtype)
         return axes.constrain(embeds_BxLxD, ACTIVATION_AXES)
 
     def __call__(self, embeds_BxLxD, positions_BxL, segment_ids_BxL):

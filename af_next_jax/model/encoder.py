@@ -80,7 +80,7 @@ class AudioEncoder(nn.Module):
         x_NxTxD = gelu_exact(nn.Conv(config.hidden_size, name="conv1", kernel_init=nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), (axes.CONV_WIDTH, axes.MEL, axes.AUDIO_EMBED)), **conv_kwargs)(mel_NxTxM))
         x_NxPxD = gelu_exact(nn.Conv(config.hidden_size, strides=(2,), name="conv2", kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (axes.CONV_WIDTH, axes.AUDIO_EMBED, axes.AUDIO_EMBED)), **conv_kwargs)(x_NxTxD))
+            nn.initializers.lecun_normal(), (axes.CONV_WIDTH, None, axes.AUDIO_EMBED)), **conv_kwargs)(x_NxTxD))
         # Fixed table, stored as a parameter so checkpoints round-trip; never trained (see FROZEN_PARAMETERS).
         positions_PxD = self.param(
             "embed_positions", nn.with_logical_partitioning(

@@ -11,14 +11,41 @@ from af_next_jax.model import axes
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
 
+class Dense(nn.Module):
+    """y = x . kernel (+ bias), contracting the last `contract_dims` axes of x; float32 parameters.
+
+    The kernel is created at its full shape ([*contracted, *features]) so its logical axes apply as
+    named under a rules context (flax's DenseGeneral creates a flattened 2-D kernel first).
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    use_bias: bool
+    dtype: jnp.dtype
+    contract_dims: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        contracted_shape = x.shape[x.ndim - self.contract_dims:]
+        kernel = self.param("kernel", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, self.kernel_axes),
+                            contracted_shape + self.features, jnp.float32)
+        x_axes = tuple(range(x.ndim - self.contract_dims, x.ndim))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((x_axes, tuple(range(self.contract_dims))), ((), ())))
+        if self.use_bias:
+            bias_axes = self.kernel_axes[self.contract_dims:]
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes),
+                              self.features, jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 def dense(features, kernel_axes, *, use_bias, name, dtype, axis=-1):
-    """DenseGeneral with float32 parameters, `dtype` compute and logical axes on kernel and bias."""
+    """A `Dense` to `features` (an int or a tuple such as (heads, head_dim)), contracting `axis`
+    (-1, or (-2, -1) to contract [heads, head_dim])."""
     features_tuple = features if isinstance(features, tuple) else (features,)
-    bias_axes = kernel_axes[-len(features_tuple):]
-    return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, kernel_axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes))
+    contract_dims = len(axis) if isinstance(axis, tuple) else 1
+    return Dense(features_tuple, tuple(kernel_axes), use_bias, dtype, contract_dims, name=name)
 
 
 def layer_norm(*, epsilon, name, dtype, feature_axis):
