@@ -23,8 +23,12 @@ $(VENV)/.installed-test: $(VENV)/.installed setup.py
 venv: $(VENV)/.installed
 venv-test: $(VENV)/.installed-test
 
+# The main job: demo data (if absent) -> the debug training run (resumes if interrupted) -> HF export.
 run: venv
-	$(VENV)/bin/python -m af_next_jax.smoke
+	test -f demo_data/train.jsonl || $(VENV)/bin/python -m af_next_jax.data make-demo --out demo_data
+	$(VENV)/bin/python -m af_next_jax.train --config experiments/debug.py --workdir workdir/debug
+	$(VENV)/bin/python -m af_next_jax.convert to-hf --checkpoint workdir/debug/export --out workdir/debug/hf \
+	    --tokenizer-dir demo_data --overwrite --quiet
 
 test: venv-test
 	$(VENV)/bin/python -m pytest -q tests

@@ -1,0 +1,70 @@
+"""Next-token cross-entropy on the loss mask, computed in chunks so full float32 logits never exist.
+
+At 128K tokens x a 152K vocabulary, float32 logits would be 80 GB. Instead the final hidden states
+are cut into `num_chunks` groups of tokens; each group is multiplied by the lm_head, reduced to
+(loss, correct) per token and dropped. `jax.checkpoint` around the chunk makes the backward pass
+recompute that chunk's logits instead of keeping them, so peak memory is one chunk of
+[B, L / num_chunks, V] float32 logits.
+
+Chunks take *strided* tokens (chunk j holds positions j, j + n, j + 2n, ...): the sequence axis
+may be sharded over devices (sequence parallelism), and a strided chunk is spread over every shard
+so each device works on its own tokens in every chunk (a contiguous chunk would live on one
+device). The loss is a sum over tokens, so the order does not matter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, max(1, limit)) + 1) if n % d == 0)
+
+
+def chunked_cross_entropy(hidden_BxLxD, lm_head_DxV, target_ids_BxL, loss_mask_BxL, *, chunk_length: int,
+                          compute_dtype=jnp.float32):
+    """Sums over masked tokens: (cross-entropy, correct argmax predictions, trained tokens).
+
+    `chunk_length` bounds the tokens per row in one chunk (the largest divisor of L not above it is
+    used). The logits of a chunk are computed in `compute_dtype` with float32 accumulation; the
+    log-sum-exp is in float32.
+    """
+    batch, length, width = hidden_BxLxD.shape
+    tokens_per_chunk = largest_divisor_at_most(length, chunk_length)
+    num_chunks = length // tokens_per_chunk
+    lm_head_DxV = lm_head_DxV.astype(compute_dtype)
+
+    def strided(x_BxL_):  # [B, L, ...] -> [n, B, L / n, ...]; chunk j holds positions j, j + n, ...
+        x = x_BxL_.reshape((batch, tokens_per_chunk, num_chunks) + x_BxL_.shape[2:])
+        return jnp.moveaxis(x, 2, 0)
+
+    @jax.checkpoint
+    def chunk_sums(hidden_BxCxD, target_BxC, mask_BxC):
+        logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD.astype(compute_dtype), lm_head_DxV,
+                                  preferred_element_type=jnp.float32)
+        log_normaliser_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+        target_logit_BxC = jnp.take_along_axis(logits_BxCxV, target_BxC[..., None], axis=-1)[..., 0]
+        loss = jnp.sum((log_normaliser_BxC - target_logit_BxC) * mask_BxC)
+        # Ties count as wrong only if another id wins argmax; that is what greedy decoding would emit.
+        correct = jnp.sum((jnp.argmax(logits_BxCxV, axis=-1) == target_BxC) * mask_BxC)
+        return loss, correct
+
+    def body(totals, chunk):
+        loss, correct = chunk_sums(*chunk)
+        return (totals[0] + loss, totals[1] + correct), None
+
+    mask_BxL = loss_mask_BxL.astype(jnp.float32)
+    chunks = (strided(hidden_BxLxD), strided(target_ids_BxL), strided(mask_BxL))
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, correct_sum), _ = jax.lax.scan(body, (zero, zero), chunks)
+    return loss_sum, jax.lax.stop_gradient(correct_sum), jnp.sum(mask_BxL)
+
+
+def reference_cross_entropy(logits_BxLxV, target_ids_BxL, loss_mask_BxL):
+    """The same sums from materialised logits: the test reference for `chunked_cross_entropy`."""
+    log_probs = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    nll_BxL = -jnp.take_along_axis(log_probs, target_ids_BxL[..., None], axis=-1)[..., 0]
+    mask = loss_mask_BxL.astype(jnp.float32)
+    correct = jnp.sum((jnp.argmax(logits_BxLxV, axis=-1) == target_ids_BxL) * mask)
+    return jnp.sum(nll_BxL * mask), correct, jnp.sum(mask)

@@ -1,0 +1,134 @@
+"""Train-step speed: our jitted tiny-config step vs a PyTorch step of transformers' MusicFlamingo.
+
+    python benchmarks/train_step.py [--steps 10] [--batch 4] [--seq-len 512] [--windows 8]
+
+Same model config (the `tiny` preset, float32), same batch (synthetic, per af_next_jax/batch.py:
+every row one 5 s clip + text), same optimizer (AdamW, global-norm clipping 1.0), same machine,
+one process, side by side: the steps alternate, so a busy machine slows both alike. PyTorch runs
+`MusicFlamingoForConditionalGeneration` (sdpa attention) forward with labels + backward +
+`torch.optim.AdamW`, with 1 thread and with every core (OpenMP threads that spin-wait suffer most
+on a shared machine); ours is `af_next_jax.train.train_step` (chunked cross-entropy, the debug
+experiment's optimizer). The speed-up is against the faster PyTorch. Prints the markdown table
+recorded in docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+
+def _interleaved_median_seconds(steps_by_name: dict, repeats: int) -> dict:
+    """Median wall time of each step function, alternating them so both see the same machine load."""
+    for step in steps_by_name.values():  # compile / warm up
+        step()
+        step()
+    times = {name: [] for name in steps_by_name}
+    for _ in range(repeats):
+        for name, step in steps_by_name.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def make_jax_step(config, batch):
+    import jax
+
+    from af_next_jax.model.af_next import AFNextModel
+    from af_next_jax.train.experiment import load_config
+    from af_next_jax.train.optimizer import make_optimizer, parameter_labels, trainable_mask
+    from af_next_jax.train.state import unbox
+    from af_next_jax.train.train_step import make_train_step, new_train_state
+
+    experiment = load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "debug.py"))
+    model = AFNextModel(config)
+    params = unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch))
+    labels = parameter_labels(params, "full")
+    optimizer, schedule = make_optimizer(experiment.optimizer, labels, total_steps=1000)
+    state = jax.jit(lambda p: new_train_state(p, optimizer, jax.random.PRNGKey(1)))(params)
+    train_step = jax.jit(make_train_step(model, optimizer, schedule, trainable_mask(labels),
+                                         loss_chunk_length=experiment.loss_chunk_length), donate_argnums=(0,))
+    step_batch = jax.device_put({name: value[None] for name, value in batch.items()})
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = train_step(holder["state"], step_batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return step
+
+
+def make_torch_step(config, batch, threads: int):
+    import torch
+    import transformers
+
+    from af_next_jax.convert.hf_config import to_hf_config
+    from af_next_jax.model.synthetic import to_transformers_inputs
+
+    torch.manual_seed(0)
+    hf_config = transformers.MusicFlamingoConfig.from_dict(to_hf_config(config))
+    model = transformers.MusicFlamingoForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in to_transformers_inputs(batch).items()}
+    # transformers shifts labels itself: label[t + 1] = our target[t] where the loss mask is on.
+    labels = np.full(batch["token_ids"].shape, -100, np.int64)
+    labels[:, 1:] = np.where(batch["loss_mask"][:, :-1] > 0, batch["target_ids"][:, :-1], -100)
+    inputs["labels"] = torch.from_numpy(labels)
+
+    def step():
+        torch.set_num_threads(threads)
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    from af_next_jax.config import tiny
+    from af_next_jax.model.synthetic import synthetic_batch
+
+    config = tiny()
+    per_row = max(1, args.windows // args.batch)
+    batch = synthetic_batch(config, audio_frames_per_example=[[config.encoder.mel_frames_per_window] * per_row]
+                            * args.batch, seq_len=args.seq_len, num_windows=args.windows)
+    tokens = args.batch * args.seq_len
+    steps = {"jax": make_jax_step(config, batch)}
+    thread_counts = sorted({1, os.cpu_count()})
+    steps.update({f"torch{threads}": make_torch_step(config, batch, threads) for threads in thread_counts})
+    seconds = _interleaved_median_seconds(steps, args.steps)
+    ours = seconds["jax"]
+    reference = min(seconds[f"torch{threads}"] for threads in thread_counts)
+    print(f"tiny preset, batch {args.batch} x {args.seq_len} tokens, {args.windows} windows of "
+          f"{config.encoder.window_seconds:.0f} s; median of {args.steps} alternating steps; "
+          f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
+          f"Python {sys.version.split()[0]}\n")
+    print("| train step | ms / step | tokens / s | speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    for threads in thread_counts:
+        torch_seconds = seconds[f"torch{threads}"]
+        print(f"| PyTorch transformers MusicFlamingo (sdpa, AdamW), {threads} thread(s) | "
+              f"{1e3 * torch_seconds:.0f} | {tokens / torch_seconds:,.0f} | {reference / torch_seconds:.2f}x |")
+    print(f"| af-next-jax `train_step` (jit, chunked CE, AdamW), XLA threads | {1e3 * ours:.0f} | {tokens / ours:,.0f} | "
+          f"{reference / ours:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""AF-Next-Captioner: dense, timestamped captions of long audio (up to 30 min, 64K tokens).
+
+Full fine-tuning from stage 4; the same architecture as Instruct and Think, only data and stage
+differ. ARG: `tpu_v5p` (default) or `h100` (long-context meshes: the sequence is sharded).
+"""
+
+from common import RUN_ROOT, af_next_7b_stage
+
+
+def get_config(arg=None):
+    mesh = {"tpu_v5p": "tpu_v5p_long", "h100": "h100_long"}.get(arg or "tpu_v5p", arg)
+    return af_next_7b_stage(stage="full", learning_rate=5e-6, seq_len=65536, windows_per_audio=60,
+                            batch_size=16, total_steps=4_000, init_from=f"{RUN_ROOT}/stage4_long_context",
+                            manifests=("captioner/long_captions.jsonl",), mesh=mesh, attention="hybrid",
+                            remat="full")

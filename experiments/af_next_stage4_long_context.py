@@ -1,0 +1,15 @@
+"""AF-Next stage 4: long audio, everything trained; up to 30 min (60 windows = 45,000 audio tokens), 128K.
+
+Hybrid sequence parallelism (Ulysses inside a node / slice axis, ring across), full remat.
+Starts from stage 3's workdir. ARG: `tpu_v5p` (default) or `h100` (long-context meshes).
+"""
+
+from common import RUN_ROOT, af_next_7b_stage
+
+
+def get_config(arg=None):
+    mesh = {"tpu_v5p": "tpu_v5p_long", "h100": "h100_long"}.get(arg or "tpu_v5p", arg)
+    return af_next_7b_stage(stage="long_context", learning_rate=5e-6, seq_len=131072, windows_per_audio=60,
+                            batch_size=8, total_steps=5_000, init_from=f"{RUN_ROOT}/stage3_full",
+                            manifests=("long/long_audio_qa.jsonl", "long/long_captions.jsonl"),
+                            mesh=mesh, attention="hybrid", remat="full")

@@ -1,0 +1,67 @@
+"""The scaled-down long-context experiment on 8 fake CPU devices: hybrid sequence parallelism
+(Ulysses 2 x ring 2) + FSDP 2, full remat, the `long_context` stage, through `train()`.
+
+The first step's loss must equal the plain single-device (`xla` attention) loss of the same
+parameters and batch. The batches turn non-finite from the third step on: the run must skip those
+updates, stop after `max_nonfinite_streak` in a row, and leave the offending step saved.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from af_next_jax.config import tiny
+from af_next_jax.model.af_next import AFNextModel
+from af_next_jax.train.experiment import load_config
+from af_next_jax.train.loop import NonFiniteLossError, train
+from af_next_jax.train.metrics import read_metrics
+from af_next_jax.train.state import unbox, zeros_batch
+from af_next_jax.train.train_step import model_loss_sums
+from trainer_helpers import NUM_WINDOWS, REPO, SEQ_LEN, SyntheticBatches, micro_batch
+
+STREAK = 2
+
+
+@pytest.fixture(scope="module")
+def long_context_run(tmp_path_factory):
+    assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+    config = load_config(os.path.join(REPO, "experiments", "long_context_debug.py"), [
+        f"--config.data.seq_len={SEQ_LEN}", f"--config.data.max_windows_per_batch={NUM_WINDOWS}",
+        "--config.total_steps=10", "--config.eval_every=0", "--config.checkpoint_every=100",
+        f"--config.max_nonfinite_streak={STREAK}", "--config.loss_chunk_length=64",
+        "--config.peak_flops_per_device=1e11", "--config.export_at_end=False"])
+    workdir = str(tmp_path_factory.mktemp("long_context"))
+    with pytest.raises(NonFiniteLossError) as stopped:
+        train(config, workdir, batches=SyntheticBatches(poison_from=2))
+    return config, workdir, stopped.value
+
+
+def test_sequence_parallel_first_step_loss_equals_single_device_loss(long_context_run):
+    config, workdir, _ = long_context_run
+    with open(os.path.join(workdir, "config.json")) as handle:
+        mesh = json.load(handle)["mesh"]
+    assert (mesh["ring"], mesh["ulysses"], mesh["fsdp"]) == (2, 2, 2)
+    model_config = tiny()  # `xla` attention, no remat: the reference
+    model = AFNextModel(model_config)
+    example = zeros_batch(model_config, batch_size=2, seq_len=SEQ_LEN, num_windows=NUM_WINDOWS)
+    init_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = jax.jit(lambda key: unbox(model.init(key, example)))(init_key)
+    loss_sum, _, tokens = jax.jit(lambda p, b: model_loss_sums(model, p, b, loss_chunk_length=SEQ_LEN))(
+        params, micro_batch(0))
+    first = read_metrics(workdir)[1]
+    np.testing.assert_allclose(first["loss"], float(loss_sum / tokens), rtol=2e-5)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_step_saved(long_context_run):
+    _, workdir, error = long_context_run
+    metrics = read_metrics(workdir)
+    stop_step = 2 + STREAK
+    assert sorted(metrics) == list(range(1, stop_step + 1))
+    assert [metrics[s]["finite"] for s in sorted(metrics)] == [1.0, 1.0] + [0.0] * STREAK
+    assert metrics[stop_step]["nonfinite_total"] == STREAK
+    assert str(stop_step) in os.listdir(os.path.join(workdir, "checkpoints"))
+    assert os.path.isfile(os.path.join(workdir, f"nonfinite_step_{stop_step}.npz"))
+    assert f"stopped at step {stop_step}" in str(error)

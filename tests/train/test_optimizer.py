@@ -1,0 +1,71 @@
+"""Stage freezing, per-module learning rates and the schedule (af_next_jax/train/optimizer.py)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from af_next_jax.train.optimizer import (FROZEN, STAGES, count_state_elements, learning_rate_schedule,
+                                         make_optimizer, parameter_labels)
+
+
+def _optimizer_config(**changes):
+    values = dict(learning_rate=1e-2, warmup_steps=0, final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                  weight_decay=0.0, grad_clip_norm=0.0, lr_multipliers={})
+    values.update(changes)
+    return ml_collections.ConfigDict(values)
+
+
+def _size(tree) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_each_stage_trains_exactly_its_groups_and_never_the_position_table(tiny_setup, stage):
+    labels = parameter_labels(tiny_setup["params"], stage)["params"]
+    for group in ("encoder", "projector", "decoder"):
+        expected = {group} if group in STAGES[stage] else {FROZEN}
+        if group == "encoder" and group in STAGES[stage]:
+            expected = {"encoder", FROZEN}  # the fixed position table stays frozen
+        assert set(jax.tree.leaves(labels[group])) == expected, group
+    assert labels["encoder"]["embed_positions"] == FROZEN
+
+
+def test_frozen_parameters_get_no_optimizer_state(tiny_setup):
+    params = tiny_setup["params"]
+    optimizer, _ = make_optimizer(_optimizer_config(), parameter_labels(params, "projector"), total_steps=10)
+    state = optimizer.init(params)
+    projector = _size(params["params"]["projector"])
+    # Adam's two moments for the projector only, plus a few scalar step counters.
+    assert 2 * projector <= count_state_elements(state) <= 2 * projector + 8
+    assert count_state_elements(state) < _size(params) // 10
+
+
+def test_per_module_learning_rate_multiplier_scales_that_groups_updates(tiny_setup):
+    params = tiny_setup["params"]
+    labels = parameter_labels(params, "full")
+    optimizer, _ = make_optimizer(_optimizer_config(lr_multipliers={"encoder": 0.1}), labels, total_steps=10)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    # Adam's first update of a constant gradient is lr x 1 per element.
+    np.testing.assert_allclose(updates["params"]["decoder"]["lm_head"], -1e-2, rtol=1e-4)
+    np.testing.assert_allclose(updates["params"]["encoder"]["conv1"]["kernel"], -1e-3, rtol=1e-4)
+    np.testing.assert_array_equal(updates["params"]["encoder"]["embed_positions"], 0.0)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_final_fraction():
+    schedule = learning_rate_schedule(_optimizer_config(warmup_steps=10), total_steps=110)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(5)), 5e-3, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(10)), 1e-2, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(60)), 1e-3 + 0.5 * 9e-3, rtol=1e-4)  # half way down the cosine
+    np.testing.assert_allclose(float(schedule(110)), 1e-3, rtol=1e-5)
+
+
+def test_unknown_stage_and_group_are_errors_that_list_the_valid_names(tiny_setup):
+    with pytest.raises(ValueError, match="valid stages"):
+        parameter_labels(tiny_setup["params"], "everything")
+    with pytest.raises(ValueError, match="valid"):
+        make_optimizer(_optimizer_config(lr_multipliers={"llm": 0.5}),
+                       parameter_labels(tiny_setup["params"], "full"), total_steps=10)

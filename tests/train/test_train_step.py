@@ -1,0 +1,64 @@
+"""The jitted train step: learning, exact gradient accumulation, frozen tables, non-finite skipping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from af_next_jax.train.train_step import model_loss_sums
+from trainer_helpers import micro_batch, stack
+
+
+def test_loss_falls_when_training_on_one_batch(compiled_step, initial_state):
+    batch = stack(micro_batch(1), micro_batch(2))
+    state, losses = initial_state, []
+    for _ in range(8):
+        state, metrics = compiled_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert int(state.step) == 8 and int(state.nonfinite_total) == 0
+
+
+def test_accumulated_step_uses_the_token_mean_over_all_micro_batches(compiled_step, initial_state, tiny_setup):
+    model, params = tiny_setup["model"], initial_state.params
+    first, second = micro_batch(3), micro_batch(4)
+    second["loss_mask"][:, ::2] = 0  # unequal token counts: a mean of means would differ
+    _, metrics = compiled_step(initial_state, stack(first, second))
+
+    def loss_and_sums(p, batch):
+        loss, correct, tokens = model_loss_sums(model, p, batch, loss_chunk_length=64)
+        return loss, (loss, tokens)
+
+    grad_fn = jax.jit(jax.grad(loss_and_sums, has_aux=True))
+    grads_1, (loss_1, tokens_1) = grad_fn(params, first)
+    grads_2, (loss_2, tokens_2) = grad_fn(params, second)
+    tokens = tokens_1 + tokens_2
+    np.testing.assert_allclose(float(metrics["loss"]), float((loss_1 + loss_2) / tokens), rtol=1e-5)
+    mean_grads = jax.tree.map(lambda a, b: (a + b) / tokens, grads_1, grads_2)
+    # The position table is frozen in every stage: the train step never sees its gradient.
+    mean_grads["params"]["encoder"]["embed_positions"] = jnp.zeros_like(params["params"]["encoder"]["embed_positions"])
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(mean_grads)), rtol=1e-4)
+    assert float(metrics["tokens"]) == float(tokens)
+
+
+def test_frozen_position_table_is_unchanged_by_a_full_fine_tuning_step(compiled_step, initial_state):
+    state = initial_state
+    for _ in range(2):  # the warmup's first learning rate is 0
+        state, _ = compiled_step(state, stack(micro_batch(5), micro_batch(6)))
+    before = initial_state.params["params"]["encoder"]
+    after = state.params["params"]["encoder"]
+    np.testing.assert_array_equal(after["embed_positions"], before["embed_positions"])
+    assert not np.array_equal(after["conv1"]["kernel"], before["conv1"]["kernel"])
+
+
+def test_non_finite_loss_skips_the_update_and_is_counted(compiled_step, initial_state):
+    poisoned = micro_batch(7)
+    poisoned["mel_windows"][0, 0, 0] = np.nan
+    state, metrics = compiled_step(initial_state, stack(micro_batch(8), poisoned))
+    assert float(metrics["finite"]) == 0.0
+    assert (int(state.step), int(state.nonfinite_streak), int(state.nonfinite_total)) == (1, 1, 1)
+    for before, after in zip(jax.tree.leaves((initial_state.params, initial_state.opt_state)),
+                             jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(before, after)
+    state, metrics = compiled_step(state, stack(micro_batch(8), micro_batch(9)))
+    assert (int(state.nonfinite_streak), int(state.nonfinite_total), float(metrics["finite"])) == (0, 1, 1.0)
