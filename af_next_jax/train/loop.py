@@ -24,6 +24,7 @@ import signal
 import time
 
 import jax
+import flax.linen as nn
 import ml_collections
 import numpy as np
 
@@ -146,12 +147,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every,
                                 keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-    # The rules table is applied explicitly (parameter, optimizer-state and batch shardings of the jitted
-    # step) and not as an `nn.logical_axis_rules` scope: under that scope flax re-runs each DenseGeneral
-    # kernel initialiser to check shapes and constrains its flattened (rank-2) kernel with the rank-3
-    # logical names, which fails (and conv2 names one axis twice). Activations follow by propagation;
-    # sequence-parallel attention reads the mesh set here.
-    with jax.set_mesh(mesh), _PreemptionFlag() as preemption:
+    # The rules table shards parameters, optimizer state and batches (explicit shardings of the jitted
+    # step) and, as an `nn.logical_axis_rules` scope, the model's activation constraints (so the decoder
+    # sequence stays sharded end to end). Sequence-parallel attention reads the mesh set here.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _PreemptionFlag() as preemption:
         # Labels need only the tree structure: build them from the abstract parameters.
         abstract_params = unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), example))
         labels = parameter_labels(abstract_params, config.stage)

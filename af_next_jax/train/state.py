@@ -58,7 +58,7 @@ class ShardedSetup:
 
 def sharded_setup(model: AFNextModel, optimizer: optax.GradientTransformation, example_batch: dict,
                   mesh: jax.sharding.Mesh, rules) -> ShardedSetup:
-    """Call inside `jax.set_mesh(mesh)` (not under `nn.logical_axis_rules`: see loop.py); `rules` is applied here."""
+    """Call inside `jax.set_mesh(mesh)`; `rules` maps the logical axes of parameters and batches."""
     abstract_variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), example_batch)
     shardings = param_shardings(abstract_variables, mesh, rules)
     abstract_params = unbox(abstract_variables)

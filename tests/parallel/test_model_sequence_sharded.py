@@ -53,10 +53,9 @@ def test_sequence_sharded_model_loss_and_gradients_equal_unsharded(reference, im
     model = AFNextModel(config.replace(attention_implementation=implementation))
     mesh = make_mesh(mesh_config)
     rules = logical_axis_rules(mesh_config)
-    with jax.set_mesh(mesh):  # tracing init runs the sequence-parallel attention, which needs the mesh
+    # As the trainer runs it: the mesh (sequence-parallel attention reads it) and the rules scope.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract = jax.eval_shape(model.init, jax.random.key(0), batch)
-    # Without nn.logical_axis_rules: see test_model_traces_under_the_rules_context (model/layers.dense).
-    with jax.set_mesh(mesh):
         sharded_params = jax.device_put(params, param_shardings(abstract, mesh, rules))
         sharded_batch = jax.device_put(batch, batch_shardings(batch, mesh, rules))
         loss, grads = jax.jit(jax.value_and_grad(lambda p, b: masked_next_token_loss(model, p, b)))(
@@ -72,9 +71,23 @@ def test_sequence_sharded_model_loss_and_gradients_equal_unsharded(reference, im
         assert error <= 1e-4, f"{jax.tree_util.keystr(path[0])}: relative error {error:.2e}"
 
 
-def test_model_traces_under_the_rules_context(reference):
+def full_sequence_gathers(hlo_text, batch_size, width):
+    """All-gathers whose result is a whole [B, SEQ_LEN, width] activation."""
+    shape = f"[{batch_size},{SEQ_LEN},{width}]"
+    return [line.strip() for line in hlo_text.splitlines()
+            if " all-gather(" in line and shape in line.split(" all-gather(")[0]]
+
+
+def test_decoder_activations_are_never_gathered_to_full_length(reference):
+    """Under the rules scope no device ever holds the whole decoder sequence of hidden states."""
     config, batch, params, _, _ = reference
     mesh_config = MeshConfig(data=1, fsdp=2, ring=4)
     model = AFNextModel(config.replace(attention_implementation="ring"))
-    with jax.set_mesh(make_mesh(mesh_config)), nn.logical_axis_rules(logical_axis_rules(mesh_config)):
-        jax.eval_shape(model.apply, params, batch)
+    mesh, rules = make_mesh(mesh_config), logical_axis_rules(mesh_config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(model.init, jax.random.key(0), batch)
+        sharded_params = jax.device_put(params, param_shardings(abstract, mesh, rules))
+        sharded_batch = jax.device_put(batch, batch_shardings(batch, mesh, rules))
+        hlo = jax.jit(lambda p, b: model.apply(p, b, return_hidden=True)).lower(
+            sharded_params, sharded_batch).compile().as_text()
+    assert not full_sequence_gathers(hlo, batch["token_ids"].shape[0], config.decoder.hidden_size)
