@@ -7,10 +7,8 @@ Use it as flax's logical-partitioning context around init / apply / the train st
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         ...
 
-(Today the model must run without the `nn.logical_axis_rules` scope: flax's DenseGeneral re-runs its
-kernel initialiser on a flattened rank-2 shape and constrains it with rank-3 names, and conv2 names
-`audio_embed` twice. The trainer applies the table through the shardings below instead; activations
-follow by propagation and the shard_map specs of sequence_attention.py.)
+The trainer does exactly this: parameters, optimizer state and batches get explicit shardings from
+the functions below, and the scope applies the model's activation constraints.
 
 `param_shardings` turns the logical metadata of `jax.eval_shape(model.init, ...)` into a tree of
 NamedShardings (dropping any mesh axis that does not divide a dimension, so tiny test models still
