@@ -1,11 +1,13 @@
-"""The jitted train step: learning, exact gradient accumulation, frozen tables, non-finite skipping."""
+"""The jitted train and eval steps: learning, exact accumulation, frozen tables, NaN skips, eval sums."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from af_next_jax.train.train_step import model_loss_sums
+from scipy.special import logsumexp
+
+from af_next_jax.train.train_step import make_eval_step, model_loss_sums
 from trainer_helpers import micro_batch, stack
 
 
@@ -62,3 +64,16 @@ def test_non_finite_loss_skips_the_update_and_is_counted(compiled_step, initial_
         np.testing.assert_array_equal(before, after)
     state, metrics = compiled_step(state, stack(micro_batch(8), micro_batch(9)))
     assert (int(state.nonfinite_streak), int(state.nonfinite_total), float(metrics["finite"])) == (0, 1, 1.0)
+
+
+def test_eval_step_reports_masked_loss_and_accuracy_of_the_full_logits(tiny_setup, initial_state):
+    """Reference: the model's full logits, log-softmax, and argmax over the loss-masked tokens."""
+    model, params, batch = tiny_setup["model"], initial_state.params, micro_batch(3)
+    sums = jax.jit(make_eval_step(model, loss_chunk_length=64))(params, batch)
+    logits = np.asarray(model.apply(params, batch), np.float64)
+    log_probs = logits - logsumexp(logits, axis=-1, keepdims=True)
+    mask = batch["loss_mask"]
+    target_log_probs = np.take_along_axis(log_probs, batch["target_ids"][..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(float(sums["loss_sum"]), -(target_log_probs * mask).sum(), rtol=1e-5)
+    assert float(sums["tokens"]) == mask.sum()
+    assert float(sums["correct"]) == ((logits.argmax(-1) == batch["target_ids"]) * mask).sum()
