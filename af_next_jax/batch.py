@@ -30,6 +30,17 @@ AUDIO_FIELDS = ("mel_windows", "mel_valid_frames", "window_index")
 FIELDS = TEXT_FIELDS + AUDIO_FIELDS
 
 
+def zeros_batch(config: ModelConfig, *, batch_size: int, seq_len: int, num_windows: int) -> dict:
+    """An all-padding batch with the contract's static shapes (text-only, padding windows): for
+    shapes, abstract init and compilation."""
+    encoder = config.encoder
+    text = {name: np.zeros((batch_size, seq_len), np.int32) for name in TEXT_FIELDS if name != "loss_mask"}
+    return {**text, "loss_mask": np.zeros((batch_size, seq_len), np.float32),
+            "mel_windows": np.zeros((num_windows, encoder.num_mel_bins, encoder.mel_frames_per_window), np.float32),
+            "mel_valid_frames": np.zeros((num_windows,), np.int32),
+            "window_index": np.zeros((num_windows,), np.int32)}
+
+
 def validate_batch(batch: dict, config: ModelConfig) -> None:
     """Host-side check of the contract above; raises ValueError naming the field and the numbers."""
     missing = [name for name in FIELDS if name not in batch]

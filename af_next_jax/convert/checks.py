@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import flax.linen as nn
 
+from af_next_jax.batch import zeros_batch
 from af_next_jax.config import ModelConfig
 
 
@@ -23,8 +24,7 @@ def check_keys(present: set[str], rules) -> None:
 def expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shapes of every parameter of a model with this config (abstract init: no memory used)."""
     from af_next_jax.model.af_next import AFNextModel
-    from af_next_jax.model.synthetic import synthetic_batch
-    batch = synthetic_batch(config, audio_frames_per_example=[[]], seq_len=8)
+    batch = zeros_batch(config, batch_size=1, seq_len=8, num_windows=1)
     abstract = jax.eval_shape(AFNextModel(config).init, jax.random.key(0), batch)
     flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract)["params"])[0]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}

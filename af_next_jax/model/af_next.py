@@ -89,6 +89,3 @@ class AFNextModel(nn.Module):
         """The lm_head matrix [hidden, vocab], for losses that compute logits in chunks."""
         return self.decoder.output_projection()
 
-
-def output_projection(model: AFNextModel, params):
-    return model.apply(params, method=AFNextModel.output_projection)

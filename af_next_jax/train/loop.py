@@ -29,14 +29,14 @@ import ml_collections
 import numpy as np
 
 from af_next_jax.model.af_next import AFNextModel
+from af_next_jax.batch import zeros_batch
 from af_next_jax.parallel import logical_axis_rules, make_mesh, validate_sequence_parallel
 from af_next_jax.train import experiment
 from af_next_jax.train.checkpointing import Checkpointer, write_json
 from af_next_jax.train.flops import peak_flops_per_device, train_step_flops
 from af_next_jax.train.metrics import MetricsWriter, format_log_line
 from af_next_jax.train.optimizer import STAGES, make_optimizer, parameter_labels, trainable_mask
-from af_next_jax.train.state import (abstract_state, init_train_state, load_initial_params, sharded_setup,
-                                     unbox, zeros_batch)
+from af_next_jax.train.state import abstract_state, init_train_state, load_initial_params, sharded_setup, unbox
 from af_next_jax.train.train_step import TrainState, make_eval_step, make_train_step
 
 logger = logging.getLogger("af_next_jax.train")

@@ -17,7 +17,6 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from af_next_jax.batch import AUDIO_FIELDS
 from af_next_jax.config import ModelConfig
 from af_next_jax.model.af_next import AFNextModel
 from af_next_jax.parallel import batch_shardings, param_shardings
@@ -30,19 +29,6 @@ def unbox(variables):
     """Plain arrays of a boxed variables tree, without sharding constraints (works under any rules)."""
     return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, variables,
                         is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
-def zeros_batch(config: ModelConfig, *, batch_size: int, seq_len: int, num_windows: int) -> dict:
-    """A batch of the contract's static shapes (all text, padding windows): for shapes and init."""
-    encoder = config.encoder
-    text = {name: np.zeros((batch_size, seq_len), np.int32)
-            for name in ("token_ids", "positions", "segment_ids", "target_ids")}
-    text["loss_mask"] = np.zeros((batch_size, seq_len), np.float32)
-    audio = {"mel_windows": np.zeros((num_windows, encoder.num_mel_bins, encoder.mel_frames_per_window), np.float32),
-             "mel_valid_frames": np.zeros((num_windows,), np.int32),
-             "window_index": np.zeros((num_windows,), np.int32)}
-    assert set(audio) == set(AUDIO_FIELDS)
-    return {**text, **audio}
 
 
 @dataclasses.dataclass

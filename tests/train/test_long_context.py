@@ -18,7 +18,8 @@ from af_next_jax.model.af_next import AFNextModel
 from af_next_jax.train.experiment import load_config
 from af_next_jax.train.loop import NonFiniteLossError, train
 from af_next_jax.train.metrics import read_metrics
-from af_next_jax.train.state import unbox, zeros_batch
+from af_next_jax.batch import zeros_batch
+from af_next_jax.train.state import unbox
 from af_next_jax.train.train_step import model_loss_sums
 from trainer_helpers import NUM_WINDOWS, REPO, SEQ_LEN, SyntheticBatches, micro_batch
 
