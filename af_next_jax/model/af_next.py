@@ -59,7 +59,8 @@ class AFNextModel(nn.Module):
         """Log-mel windows -> projected audio embeddings [N, T, decoder width] and their valid mask."""
         audio_NxTxA, valid_NxT = self.encoder(mel_windows_NxMxT, mel_valid_frames_N)
         if self.config.rote is not None:
-            audio_NxTxA = apply_rotary_time_embedding(audio_NxTxA, window_index_N, self.config.rote)
+            audio_NxTxA = apply_rotary_time_embedding(audio_NxTxA, window_index_N, self.config.rote,
+                                                       self.config.max_windows_per_audio)
         return self.projector(audio_NxTxA), valid_NxT
 
     def embed_audio_and_text(self, batch):
