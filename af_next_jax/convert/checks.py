@@ -7,6 +7,7 @@ import flax.linen as nn
 
 from af_next_jax.batch import zeros_batch
 from af_next_jax.config import ModelConfig
+from af_next_jax.convert.errors import BadInputError
 
 
 def check_keys(present: set[str], rules) -> None:
@@ -14,11 +15,11 @@ def check_keys(present: set[str], rules) -> None:
     missing = sorted(expected - present)
     unexpected = sorted(present - expected)
     if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), first: {missing[0]!r}"
-                         + (f" (and {missing[1:4]})" if len(missing) > 1 else ""))
+        raise BadInputError(f"checkpoint is missing {len(missing)} tensor(s), first: {missing[0]!r}"
+                            + (f" (and {missing[1:4]})" if len(missing) > 1 else ""))
     if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensor(s), first: {unexpected[0]!r}"
-                         + (f" (and {unexpected[1:4]})" if len(unexpected) > 1 else ""))
+        raise BadInputError(f"checkpoint has {len(unexpected)} unexpected tensor(s), first: {unexpected[0]!r}"
+                            + (f" (and {unexpected[1:4]})" if len(unexpected) > 1 else ""))
 
 
 def expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:

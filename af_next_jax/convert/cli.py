@@ -4,10 +4,15 @@
   from-hf --qwen2-dir DIR --whisper-dir DIR --out CKPT     new model: Qwen2 LLM + Whisper encoder,
                                                            random projector, default RoTE
   to-hf --checkpoint CKPT --out DIR [--dtype bfloat16] [--tokenizer-dir DIR] [--max-shard-size 5GB]
-  verify --hf-dir DIR --checkpoint CKPT                    logit check, exit 1 when over tolerance
+  to-hf --checkpoint WORKDIR [--step N] --out DIR ...      a training workdir: its final export, or
+                                                           with --step the saved checkpoint of step N
+  verify --hf-dir DIR --checkpoint CKPT|WORKDIR [--step N] logit check, exit 1 when over tolerance
 
-Exit status: 0 done, 1 verify over tolerance, 2 bad input (the message names the file, key or shape;
-nothing is written).
+A training workdir without a final export (a stopped or preempted run) needs --step; the error lists
+the saved steps (af_next_jax/convert/sources.py says why the newest is not taken silently).
+
+Exit status: 0 done, 1 verify over tolerance, 2 bad input (one line on stderr naming the file, key,
+shape or value; nothing is written). Anything else is a bug: Python's traceback and exit status 1.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from af_next_jax.convert.orbax_io import ConversionError
+from af_next_jax.convert.errors import BadInputError
+
+if TYPE_CHECKING:
+    from af_next_jax.convert.sources import ModelSource
 
 EXIT_OK, EXIT_OVER_TOLERANCE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -28,7 +37,7 @@ def _gigabytes(n: int) -> str:
 def from_hf(args) -> int:
     from af_next_jax.convert import hf_import, orbax_io
     if args.hf_dir and (args.qwen2_dir or args.whisper_dir):
-        raise ConversionError("give either --hf-dir, or --qwen2-dir with --whisper-dir, not both")
+        raise BadInputError("give either --hf-dir, or --qwen2-dir with --whisper-dir, not both")
     if args.hf_dir:
         plan = hf_import.plan_audio_model(args.hf_dir)
     elif args.qwen2_dir and args.whisper_dir:
@@ -37,7 +46,7 @@ def from_hf(args) -> int:
         plan = hf_import.plan_qwen2_whisper(args.qwen2_dir, args.whisper_dir, rote=not args.no_rote,
                                             seed=args.seed, **ids)
     else:
-        raise ConversionError("from-hf needs --hf-dir, or both --qwen2-dir and --whisper-dir")
+        raise BadInputError("from-hf needs --hf-dir, or both --qwen2-dir and --whisper-dir")
     if args.max_windows_per_audio is not None:
         plan.config = plan.config.replace(max_windows_per_audio=args.max_windows_per_audio)
     start = time.perf_counter()
@@ -52,41 +61,40 @@ def from_hf(args) -> int:
 
 
 def to_hf(args) -> int:
-    from af_next_jax.convert import hf_export, orbax_io
-    config = orbax_io.load_config(args.checkpoint)
-    info = orbax_io.load_conversion_info(args.checkpoint)
-    dtype = args.dtype or info.get("hf_dtype") or "float32"
+    from af_next_jax.convert import hf_export, orbax_io, sources
+    source = sources.resolve(args.checkpoint, args.step)
+    dtype = args.dtype or source.info.get("hf_dtype") or "float32"
     if dtype not in hf_export.EXPORT_DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {sorted(hf_export.EXPORT_DTYPES)}")
-    _check_checkpoint_shapes(args.checkpoint, config)
+        raise BadInputError(f"--dtype {dtype!r} is not supported; choose one of {sorted(hf_export.EXPORT_DTYPES)}")
+    _check_checkpoint_shapes(source)
+    if not args.quiet:
+        print(f"reading the {source.description}")
     start = time.perf_counter()
-    with orbax_io.atomic_directory(args.out, args.overwrite) as staging, \
-            orbax_io.open_params(args.checkpoint) as params:
+    with orbax_io.atomic_directory(args.out, args.overwrite) as staging, source.open_params() as params:
         summary = hf_export.write_hf_directory(
-            staging, params, config, dtype=dtype, max_shard_size=args.max_shard_size,
-            tokenizer_dir=args.tokenizer_dir, generation_config=info.get("generation_config"),
+            staging, params, source.config, dtype=dtype, max_shard_size=args.max_shard_size,
+            tokenizer_dir=args.tokenizer_dir, generation_config=source.info.get("generation_config"),
             progress=not args.quiet)
     print(f"wrote {args.out}: {summary['tensors']} tensors in {summary['shards']} shard(s), "
           f"{_gigabytes(summary['bytes'])} {dtype}, tokenizer files {summary['tokenizer_files'] or 'none'}, "
-          f"{time.perf_counter() - start:.1f} s")
+          f"from the {source.description}, {time.perf_counter() - start:.1f} s")
     return EXIT_OK
 
 
-def _check_checkpoint_shapes(checkpoint, config) -> None:
-    """The checkpoint's arrays (orbax metadata, no data read) must be those of its model_config.json."""
+def _check_checkpoint_shapes(source: ModelSource) -> None:
+    """The checkpoint's arrays (orbax metadata, no data read) must be those of its model config."""
     from af_next_jax.convert.checks import expected_shapes
-    from af_next_jax.convert.orbax_io import parameter_shapes
-    found, expected = parameter_shapes(checkpoint), expected_shapes(config)
+    found, expected = source.parameter_shapes(), expected_shapes(source.config)
     for path in sorted(set(found) | set(expected)):
         if found.get(path) != expected.get(path):
-            raise ConversionError(f"{checkpoint}: parameter {'/'.join(path)} has shape {found.get(path)} but its "
-                                  f"model_config.json implies {expected.get(path)}")
+            raise BadInputError(f"{source.description}: parameter {'/'.join(path)} has shape {found.get(path)} "
+                                f"but its model config implies {expected.get(path)}")
 
 
 def verify(args) -> int:
     from af_next_jax.convert.verify import verify as run_verify
     from af_next_jax.convert.verify import hf_weight_dtype
-    result = run_verify(args.hf_dir, args.checkpoint, tolerance=args.tolerance, seed=args.seed,
+    result = run_verify(args.hf_dir, args.checkpoint, step=args.step, tolerance=args.tolerance, seed=args.seed,
                         round_to_hf_dtype=not args.keep_checkpoint_dtype)
     dtype = hf_weight_dtype(args.hf_dir)
     if dtype != "float32":
@@ -117,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=from_hf)
 
     p = commands.add_parser("to-hf", help="our orbax checkpoint -> HF directory")
-    p.add_argument("--checkpoint", required=True, help="directory written by from-hf (or the trainer)")
+    p.add_argument("--checkpoint", required=True,
+                   help="converted checkpoint (from-hf), or a training workdir (its final export; see --step)")
+    p.add_argument("--step", type=int, help="training workdir only: export the saved checkpoint of this step")
     p.add_argument("--out", required=True, help="HF directory to create")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="tensor dtype (default: the dtype the checkpoint was imported from, else float32)")
@@ -129,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("verify", help="compare logits of transformers and ours on random audio + text")
     p.add_argument("--hf-dir", required=True)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="what to-hf read: a converted checkpoint or a training workdir")
+    p.add_argument("--step", type=int, help="training workdir only: the saved step that to-hf exported")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |diff| / max |logit| allowed (1e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random batch")
     p.add_argument("--keep-checkpoint-dtype", action="store_true",
@@ -143,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConversionError, ValueError, FileNotFoundError) as error:
-        # ValueError also covers config validation (e.g. an unknown model_type, bad dimensions).
+    except BadInputError as error:  # only checked input; a bug (any other exception) keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

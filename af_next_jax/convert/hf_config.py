@@ -7,6 +7,7 @@ transformers 4.x and 5.x read the file.
 from __future__ import annotations
 
 from af_next_jax.config import DecoderConfig, EncoderConfig, ModelConfig, ProjectorConfig, RoteConfig
+from af_next_jax.convert.errors import BadInputError
 
 MODEL_TYPES = ("musicflamingo", "audioflamingo3", "audioflamingonext")
 
@@ -50,10 +51,10 @@ def _rope_theta(section: dict, default: float) -> float:
 
 
 def from_hf_config(hf: dict, **overrides) -> ModelConfig:
-    """Read a MusicFlamingo / AF3 / AF-Next config.json dict; unknown model types raise ValueError."""
+    """Read a MusicFlamingo / AF3 / AF-Next config.json dict; unknown model types raise BadInputError."""
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {MODEL_TYPES} "
+        raise BadInputError(f"unsupported model_type {model_type!r}; supported: {MODEL_TYPES} "
                          f"(or a bare qwen2 + whisper pair, see `convert from-hf --help`)")
     audio, text = hf["audio_config"], hf["text_config"]
     encoder = encoder_from_audio_config(audio)

@@ -25,7 +25,7 @@ from af_next_jax.convert.checks import expected_shapes
 from af_next_jax.convert.hf_config import to_hf_config
 from af_next_jax.convert.hf_import import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE
 from af_next_jax.convert.mapping import model_rules, tensors_from_params
-from af_next_jax.convert.orbax_io import ConversionError
+from af_next_jax.convert.errors import BadInputError
 
 EXPORT_DTYPES = {"float32": (np.dtype(np.float32), "F32"), "bfloat16": (np.dtype(ml_dtypes.bfloat16), "BF16"),
                  "float16": (np.dtype(np.float16), "F16")}
@@ -59,7 +59,7 @@ def plan_shards(specs: dict[str, jax.ShapeDtypeStruct], max_shard_size: int | st
         split = split_state_dict_into_shards_factory(specs, get_storage_size=_nbytes, max_shard_size=max_shard_size,
                                                      filename_pattern="model{suffix}.safetensors")
     except ValueError as error:
-        raise ConversionError(f"--max-shard-size {max_shard_size!r}: {error} (use e.g. 5GB or 500MB)") from None
+        raise BadInputError(f"--max-shard-size {max_shard_size!r}: {error} (use e.g. 5GB or 500MB)") from None
     groups = list(split.filename_to_tensors.values())
     return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": keys for i, keys in enumerate(groups)}
 
@@ -84,7 +84,7 @@ def write_weights(directory: Path, params, config: ModelConfig, dtype: str, max_
     when it is first needed: then peak memory is one stacked array plus one tensor, not the model."""
     from tqdm import tqdm
     if dtype not in EXPORT_DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {sorted(EXPORT_DTYPES)}")
+        raise BadInputError(f"--dtype {dtype!r} is not supported; choose one of {sorted(EXPORT_DTYPES)}")
     np_dtype, safetensors_dtype = EXPORT_DTYPES[dtype]
     specs = hf_tensor_specs(config, dtype)
     shards = plan_shards(specs, max_shard_size)
@@ -118,11 +118,11 @@ def write_weights(directory: Path, params, config: ModelConfig, dtype: str, max_
 def tokenizer_files(tokenizer_dir: str | Path) -> list[Path]:
     tokenizer_dir = Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():
-        raise ConversionError(f"--tokenizer-dir {tokenizer_dir} is not a directory")
+        raise BadInputError(f"--tokenizer-dir {tokenizer_dir} is not a directory")
     files = sorted({p for pattern in TOKENIZER_PATTERNS for p in tokenizer_dir.glob(pattern) if p.is_file()})
     if not files:
-        raise ConversionError(f"--tokenizer-dir {tokenizer_dir} holds no tokenizer files "
-                              f"(looked for {list(TOKENIZER_PATTERNS)})")
+        raise BadInputError(f"--tokenizer-dir {tokenizer_dir} holds no tokenizer files "
+                            f"(looked for {list(TOKENIZER_PATTERNS)})")
     return files
 
 

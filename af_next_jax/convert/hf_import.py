@@ -25,7 +25,8 @@ from af_next_jax.config import ModelConfig, RoteConfig
 from af_next_jax.convert import hf_config
 from af_next_jax.convert.checks import expected_shapes
 from af_next_jax.convert.mapping import TensorRule, canonical_key, decoder_rules, encoder_rules, model_rules
-from af_next_jax.convert.orbax_io import ConversionError, aligned_empty
+from af_next_jax.convert.errors import BadInputError, config_from_fields
+from af_next_jax.convert.orbax_io import aligned_empty
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -73,35 +74,35 @@ class ImportPlan:
 
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise ConversionError(f"{what} not found: {path}")
+        raise BadInputError(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ConversionError(f"{path} is not valid JSON: {error}") from None
+        raise BadInputError(f"{path} is not valid JSON: {error}") from None
 
 
 def read_headers(hf_dir: str | Path) -> dict[str, TensorHeader]:
     """Every tensor of a directory (sharded with an index, or one model.safetensors), headers only."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
-        raise ConversionError(f"{hf_dir} is not a directory")
+        raise BadInputError(f"{hf_dir} is not a directory")
     index_path, single_path = hf_dir / INDEX_FILE, hf_dir / SINGLE_FILE
     if index_path.is_file():
         weight_map = read_json(index_path, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ConversionError(f"{index_path} has no 'weight_map' {{key: file}}")
+            raise BadInputError(f"{index_path} has no 'weight_map' {{key: file}}")
         files = sorted(set(weight_map.values()))
     elif single_path.is_file():
         weight_map, files = None, [SINGLE_FILE]
     else:
         found = sorted(p.name for p in hf_dir.iterdir())
-        raise ConversionError(f"{hf_dir} has neither {INDEX_FILE} nor {SINGLE_FILE} (found {found}); "
-                              f"only safetensors checkpoints are supported")
+        raise BadInputError(f"{hf_dir} has neither {INDEX_FILE} nor {SINGLE_FILE} (found {found}); "
+                            f"only safetensors checkpoints are supported")
     headers: dict[str, TensorHeader] = {}
     for name in files:
         path = hf_dir / name
         if not path.is_file():
-            raise ConversionError(f"{index_path} names shard {name!r} but {path} does not exist")
+            raise BadInputError(f"{index_path} names shard {name!r} but {path} does not exist")
         data_start, entries = read_safetensors_header(path)
         for key, entry in entries.items():
             begin, end = entry["data_offsets"]
@@ -110,7 +111,7 @@ def read_headers(hf_dir: str | Path) -> dict[str, TensorHeader]:
     if weight_map is not None:
         for key, name in weight_map.items():
             if key not in headers or headers[key].file.name != name:
-                raise ConversionError(f"{index_path} maps {key!r} to {name!r} but that shard does not hold it")
+                raise BadInputError(f"{index_path} maps {key!r} to {name!r} but that shard does not hold it")
     return headers
 
 
@@ -123,16 +124,16 @@ def read_safetensors_header(path: Path) -> tuple[int, dict]:
         prefix = handle.read(8)
         length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
         if not 0 < length <= 100 * 2**20:
-            raise ConversionError(f"{path} is not a safetensors file (header length {length})")
+            raise BadInputError(f"{path} is not a safetensors file (header length {length})")
         try:
             header = json.loads(handle.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ConversionError(f"{path}: unreadable safetensors header ({error})") from None
+            raise BadInputError(f"{path}: unreadable safetensors header ({error})") from None
     header.pop("__metadata__", None)
     data_end = 8 + length + max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if data_end > path.stat().st_size:
-        raise ConversionError(f"{path} is truncated: its header needs {data_end} bytes, the file has "
-                              f"{path.stat().st_size}")
+        raise BadInputError(f"{path} is truncated: its header needs {data_end} bytes, the file has "
+                            f"{path.stat().st_size}")
     return 8 + length, header
 
 
@@ -151,22 +152,22 @@ def match_rules(headers: dict[str, TensorHeader], rules: list[TensorRule], shape
     unexpected = sorted(set(headers) - expected_keys)
     if missing:
         more = f" (and {len(missing) - 1} more, e.g. {missing[1:4]})" if len(missing) > 1 else ""
-        raise ConversionError(f"{where}: missing tensor {missing[0]!r}{more}")
+        raise BadInputError(f"{where}: missing tensor {missing[0]!r}{more}")
     if unexpected:
         more = f" (and {len(unexpected) - 1} more, e.g. {unexpected[1:4]})" if len(unexpected) > 1 else ""
-        raise ConversionError(f"{where}: unexpected tensor {headers[unexpected[0]].key!r}{more}; "
-                              f"it does not belong to a model with this config.json")
+        raise BadInputError(f"{where}: unexpected tensor {headers[unexpected[0]].key!r}{more}; "
+                            f"it does not belong to a model with this config.json")
     assignments = []
     for rule in rules:
         want = _hf_shape(rule, shapes[rule.path])
         for layer, key in enumerate(rule.hf_keys()):
             header = headers[key]
             if header.shape != want:
-                raise ConversionError(f"{where}: tensor {header.key!r} has shape {list(header.shape)} but "
-                                      f"config.json implies {list(want)} (in {header.file.name})")
+                raise BadInputError(f"{where}: tensor {header.key!r} has shape {list(header.shape)} but "
+                                    f"config.json implies {list(want)} (in {header.file.name})")
             if header.dtype not in FLOAT_DTYPES:
-                raise ConversionError(f"{where}: tensor {header.key!r} has dtype {header.dtype}; "
-                                      f"supported: {sorted(FLOAT_DTYPES)}")
+                raise BadInputError(f"{where}: tensor {header.key!r} has dtype {header.dtype}; "
+                                    f"supported: {sorted(FLOAT_DTYPES)}")
             assignments.append(Assignment(header, rule, layer if rule.num_layers else None))
     return assignments
 
@@ -188,16 +189,13 @@ def plan_audio_model(hf_dir: str | Path) -> ImportPlan:
     """A whole MusicFlamingo / AF3 / AF-Next directory (keys as saved or as in memory, `model.*`)."""
     hf_dir = Path(hf_dir)
     hf = read_json(hf_dir / CONFIG_FILE, "config.json")
-    try:
-        config = hf_config.from_hf_config(hf)
-    except (KeyError, TypeError) as error:
-        raise ConversionError(f"{hf_dir / CONFIG_FILE}: cannot read the model config ({error!r})") from None
+    config = config_from_fields(lambda: hf_config.from_hf_config(hf), str(hf_dir / CONFIG_FILE))
     by_rule_key: dict[str, TensorHeader] = {}
     for key, header in read_headers(hf_dir).items():
         canonical = canonical_key(key)
         if canonical in by_rule_key:
-            raise ConversionError(f"{hf_dir}: tensors {by_rule_key[canonical].key!r} and {key!r} are the same "
-                                  f"parameter ({canonical!r}); keep one")
+            raise BadInputError(f"{hf_dir}: tensors {by_rule_key[canonical].key!r} and {key!r} are the same "
+                                f"parameter ({canonical!r}); keep one")
         by_rule_key[canonical] = header
     shapes = expected_shapes(config)
     assignments = match_rules(by_rule_key, model_rules(config), shapes, str(hf_dir))
@@ -212,8 +210,8 @@ def _encoder_config_dict(hf: dict, path: Path) -> dict:
         return hf
     if model_type in hf_config.MODEL_TYPES:
         return hf["audio_config"]
-    raise ConversionError(f"{path}: model_type {model_type!r} is not an audio encoder; expected 'whisper', "
-                          f"'audioflamingo3_encoder' or one of {hf_config.MODEL_TYPES}")
+    raise BadInputError(f"{path}: model_type {model_type!r} is not an audio encoder; expected 'whisper', "
+                        f"'audioflamingo3_encoder' or one of {hf_config.MODEL_TYPES}")
 
 
 def plan_qwen2_whisper(qwen2_dir: str | Path, whisper_dir: str | Path, *, rote: bool = True,
@@ -223,12 +221,12 @@ def plan_qwen2_whisper(qwen2_dir: str | Path, whisper_dir: str | Path, *, rote: 
     qwen2_dir, whisper_dir = Path(qwen2_dir), Path(whisper_dir)
     text = read_json(qwen2_dir / CONFIG_FILE, "Qwen2 config.json")
     if text.get("model_type") != "qwen2":
-        raise ConversionError(f"{qwen2_dir / CONFIG_FILE}: model_type is {text.get('model_type')!r}, "
-                              f"expected 'qwen2' for --qwen2-dir")
+        raise BadInputError(f"{qwen2_dir / CONFIG_FILE}: model_type is {text.get('model_type')!r}, "
+                            f"expected 'qwen2' for --qwen2-dir")
     audio = _encoder_config_dict(read_json(whisper_dir / CONFIG_FILE, "Whisper config.json"), whisper_dir)
-    config = ModelConfig(encoder=hf_config.encoder_from_audio_config(audio),
-                         decoder=hf_config.decoder_from_qwen2_config(text),
-                         rote=RoteConfig() if rote else None, **config_fields)
+    config = config_from_fields(lambda: ModelConfig(
+        encoder=hf_config.encoder_from_audio_config(audio), decoder=hf_config.decoder_from_qwen2_config(text),
+        rote=RoteConfig() if rote else None, **config_fields), f"{qwen2_dir / CONFIG_FILE} + {whisper_dir / CONFIG_FILE}")
 
     shapes = expected_shapes(config)
     decoder_part = decoder_rules(config, prefix="model.", lm_head_key="lm_head.weight")
@@ -237,8 +235,8 @@ def plan_qwen2_whisper(qwen2_dir: str | Path, whisper_dir: str | Path, *, rote: 
     whisper_headers = read_headers(whisper_dir)
     prefix = next((p for p in WHISPER_ENCODER_PREFIXES if p + "conv1.weight" in whisper_headers), None)
     if prefix is None:
-        raise ConversionError(f"{whisper_dir}: no Whisper encoder found (looked for 'conv1.weight' under "
-                              f"prefixes {list(WHISPER_ENCODER_PREFIXES)})")
+        raise BadInputError(f"{whisper_dir}: no Whisper encoder found (looked for 'conv1.weight' under "
+                            f"prefixes {list(WHISPER_ENCODER_PREFIXES)})")
     # Only the encoder is taken; a Whisper decoder or an AF3 LLM next to it is ignored on purpose.
     encoder_headers = {k: h for k, h in whisper_headers.items() if k.startswith(prefix)}
     assignments += match_rules(encoder_headers, encoder_rules(config, prefix=prefix), shapes, str(whisper_dir))
@@ -278,8 +276,8 @@ def read_params(plan: ImportPlan, progress: bool = True) -> dict:
                 for a in assignments:
                     value = a.rule.to_ours(load_tensor(handle, a.header))
                     target = arrays[a.rule.path] if a.layer is None else arrays[a.rule.path][a.layer]
-                    if value.shape != target.shape:  # the plan checked this; a broken rule would land here
-                        raise ConversionError(f"{a.header.key}: maps to {value.shape}, expected {target.shape}")
+                    if value.shape != target.shape:  # the plan checked this: a broken rule (a bug) lands here
+                        raise RuntimeError(f"{a.header.key}: maps to {value.shape}, expected {target.shape}")
                     target[...] = value
                     del value
                     bar.update()
@@ -303,7 +301,7 @@ def load_tensor(handle, header: TensorHeader) -> np.ndarray:
     value = np.empty(header.shape, dtype)
     handle.seek(header.offset)
     if handle.readinto(value.reshape(-1).view(np.uint8)) != header.nbytes or value.nbytes != header.nbytes:
-        raise ConversionError(f"{header.file}: tensor {header.key!r} is truncated or its header is inconsistent")
+        raise BadInputError(f"{header.file}: tensor {header.key!r} is truncated or its header is inconsistent")
     return value
 
 
@@ -313,4 +311,4 @@ def _check_complete(params: dict, shapes: dict) -> None:
     if flat != shapes:
         missing = sorted(set(shapes) - set(flat))
         wrong = sorted(p for p in set(flat) & set(shapes) if flat[p] != shapes[p])
-        raise ConversionError(f"parameter tree incomplete: missing {missing[:3]}, wrong shapes {wrong[:3]}")
+        raise RuntimeError(f"parameter tree incomplete: missing {missing[:3]}, wrong shapes {wrong[:3]}")

@@ -163,9 +163,10 @@ def canonical_key(key: str) -> str:
 def params_from_tensors(tensors, config: ModelConfig, rules=None) -> dict:
     """Build {"params": ...} from a mapping of transformers key -> numpy array (exact keys only).
 
-    Raises ValueError naming the first missing key, unexpected key or shape mismatch.
+    Raises BadInputError naming the first missing key, unexpected key or shape mismatch.
     """
     from af_next_jax.convert.checks import check_keys, expected_shapes
+    from af_next_jax.convert.errors import BadInputError
     rules = model_rules(config) if rules is None else rules
     check_keys(set(tensors), rules)
     shapes = expected_shapes(config)
@@ -175,8 +176,8 @@ def params_from_tensors(tensors, config: ModelConfig, rules=None) -> dict:
         value = np.stack(slices) if rule.num_layers else slices[0]
         expected = shapes[rule.path]
         if value.shape != expected:
-            raise ValueError(f"{rule.hf_keys()[0]}: shape {np.asarray(tensors[rule.hf_keys()[0]]).shape} maps to "
-                             f"{value.shape} but the model expects {expected} at {'/'.join(rule.path)}")
+            raise BadInputError(f"{rule.hf_keys()[0]}: shape {np.asarray(tensors[rule.hf_keys()[0]]).shape} maps to "
+                                f"{value.shape} but the model expects {expected} at {'/'.join(rule.path)}")
         _set_path(params, rule.path, value)
     return {"params": params}
 

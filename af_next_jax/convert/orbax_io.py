@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from af_next_jax.config import DecoderConfig, EncoderConfig, ModelConfig, ProjectorConfig, RoteConfig
+from af_next_jax.convert.errors import BadInputError, config_from_fields
 
 PARAMS_DIR = "params"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -40,25 +41,39 @@ _PART_CLASSES = {"encoder": EncoderConfig, "rote": RoteConfig, "projector": Proj
                  "decoder": DecoderConfig}
 
 
-class ConversionError(ValueError):
-    """Bad input to a conversion: the message names the file, key, shape or value and what is valid."""
-
-
 def config_to_dict(config: ModelConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-def config_from_dict(fields: dict) -> ModelConfig:
-    """Inverse of `config_to_dict`; unknown fields are an error (a config written by a newer version)."""
+def config_from_dict(fields: dict, where: str = "model config") -> ModelConfig:
+    """Inverse of `config_to_dict`; unknown fields are an error (a config written by a newer version).
+    `where` names the file in the error messages."""
     fields = dict(fields)
     known = {field.name for field in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ConversionError(f"model config has unknown fields {unknown}; known fields: {sorted(known)}")
-    for name, cls in _PART_CLASSES.items():
-        if fields.get(name) is not None:
-            fields[name] = cls(**fields[name])
-    return ModelConfig(**fields)
+        raise BadInputError(f"{where}: unknown model config fields {unknown}; known fields: {sorted(known)}")
+
+    def build() -> ModelConfig:
+        for name, cls in _PART_CLASSES.items():
+            if fields.get(name) is not None:
+                fields[name] = cls(**fields[name])
+        return ModelConfig(**fields)
+
+    return config_from_fields(build, where)
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    """A JSON object from `path`; a missing or malformed file is bad input, named with `what`."""
+    if not path.is_file():
+        raise BadInputError(f"{what} not found: {path}")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadInputError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 @contextlib.contextmanager
@@ -66,7 +81,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory beside `out`; on success it is renamed to `out`, on error removed."""
     out = Path(out).absolute()
     if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists; choose another path or pass --overwrite")
+        raise BadInputError(f"output {out} already exists; choose another path or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
@@ -115,47 +130,93 @@ def save_checkpoint(directory: str | os.PathLike, params: dict, config: ModelCon
 def load_config(directory: str | os.PathLike) -> ModelConfig:
     path = Path(directory) / MODEL_CONFIG_FILE
     if not path.is_file():
-        raise ConversionError(f"{directory} is not a converted checkpoint: {MODEL_CONFIG_FILE} is missing "
-                              f"(write one with `python -m af_next_jax.convert from-hf`)")
-    return config_from_dict(json.loads(path.read_text()))
+        raise BadInputError(f"{directory} is not a converted checkpoint: {MODEL_CONFIG_FILE} is missing "
+                            f"(write one with `python -m af_next_jax.convert from-hf`)")
+    return config_from_dict(read_json_file(path, MODEL_CONFIG_FILE), str(path))
 
 
 def load_conversion_info(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONVERSION_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_file(path, CONVERSION_FILE) if path.is_file() else {}
 
 
-def _params_path(directory) -> Path:
+def params_path(directory) -> Path:
+    """CKPT/params of a converted checkpoint (an orbax PyTree checkpoint)."""
     path = Path(directory).absolute() / PARAMS_DIR
     if not path.is_dir():
-        raise ConversionError(f"{directory} has no orbax parameters at {path}")
+        raise BadInputError(f"{directory} has no orbax parameters at {path}")
     return path
 
 
-def load_params(directory: str | os.PathLike) -> dict:
-    """The whole {"params": ...} tree as float32 numpy arrays (no device memory used)."""
+# Reading an orbax PyTree checkpoint: a converted checkpoint's CKPT/params ({"params": ...} at the
+# root), or a training checkpoint's STEP/state (the TrainState dict, {"params": ...} under "params").
+# `root` is the path of the {"params": ...} subtree. Leaves are restored as numpy arrays in host memory:
+# a numpy restore ignores the shardings the arrays were saved with, so a checkpoint written by any
+# mesh (8 GPUs, a TPU pod) reads on any host with any device count, and nothing outside `root` (a
+# training state's optimizer moments) is read.
+
+def tree_metadata(path: Path, root: tuple[str, ...] = ()) -> dict:
+    """The metadata (shapes, dtypes; no array data) of the subtree at `root`."""
+    import orbax.checkpoint as ocp
+    # The handler's own metadata, not Checkpointer.metadata: that also looks for the step metadata file,
+    # which a training step keeps one folder up (STEP/, not STEP/state/), and warns when it is absent.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return _subtree(handler.metadata(path).tree, root, path)
+    finally:
+        handler.close()
+
+
+def _subtree(tree, root: tuple[str, ...], path: Path):
+    for name in root:
+        if not isinstance(tree, collections.abc.Mapping) or name not in tree:
+            raise BadInputError(f"{path}: the orbax checkpoint has no {'/'.join(root)!r} subtree")
+        tree = tree[name]
+    return tree
+
+
+def _nested(root: tuple[str, ...], value):
+    for name in reversed(root):
+        value = {name: value}
+    return value
+
+
+def restore_numpy(path: Path, root: tuple[str, ...] = ()) -> dict:
+    """The subtree at `root`, every leaf a numpy array in host memory."""
     import jax
     import orbax.checkpoint as ocp
-    path = _params_path(directory)
+    tree = tree_metadata(path, root)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        tree = checkpointer.metadata(path).item_metadata.tree
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        if not root:
+            return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=_nested(root, jax.tree.map(lambda _: np.zeros(0), tree)),
+            restore_args=_nested(root, restore_args), partial_restore=True))
+        return _subtree(restored, root, path)
 
 
-def parameter_shapes(directory: str | os.PathLike) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """{path inside "params": shape} from the checkpoint's metadata; reads no array data."""
+def tree_shapes(tree: dict) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path inside "params": shape} of a {"params": ...} metadata tree."""
     import jax
-    import orbax.checkpoint as ocp
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        tree = checkpointer.metadata(_params_path(directory)).item_metadata.tree
     flat = jax.tree_util.tree_flatten_with_path(tree.get("params", {}))[0]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
+def load_params(directory: str | os.PathLike) -> dict:
+    """The whole {"params": ...} tree of a converted checkpoint as float32 numpy arrays (no device memory)."""
+    return restore_numpy(params_path(directory))
+
+
+def parameter_shapes(directory: str | os.PathLike) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path inside "params": shape} from a converted checkpoint's metadata; reads no array data."""
+    return tree_shapes(tree_metadata(params_path(directory)))
+
+
 class LazyParams(collections.abc.Mapping):
     """A read-only {"params": ...} view of a checkpoint that restores a leaf only when it is indexed,
-    so an exporter holds one stacked array at a time instead of the whole model."""
+    so an exporter holds one stacked array at a time instead of the whole model. `prefix` is where
+    `node` sits in the checkpoint's tree."""
 
     def __init__(self, checkpointer, path: Path, node: dict, prefix: tuple[str, ...] = ()):
         self._checkpointer, self._path, self._node, self._prefix = checkpointer, path, node, prefix
@@ -177,24 +238,26 @@ class LazyParams(collections.abc.Mapping):
 
     def _restore_leaf(self, path: tuple[str, ...]) -> np.ndarray:
         import orbax.checkpoint as ocp
-        item, restore_args = np.zeros(0), ocp.RestoreArgs(restore_type=np.ndarray)
-        for name in reversed(path):
-            item, restore_args = {name: item}, {name: restore_args}
         restored = self._checkpointer.restore(self._path, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+            item=_nested(path, np.zeros(0)), restore_args=_nested(path, ocp.RestoreArgs(restore_type=np.ndarray)),
+            partial_restore=True))
         for name in path:
             restored = restored[name]
         return restored
 
 
 @contextlib.contextmanager
-def open_params(directory: str | os.PathLike):
-    """Yield a LazyParams over the checkpoint's parameters."""
+def open_tree(path: Path, root: tuple[str, ...] = ()):
+    """Yield a LazyParams over the subtree at `root` of the orbax checkpoint at `path`."""
     import orbax.checkpoint as ocp
-    path = _params_path(directory)
+    tree = tree_metadata(path, root)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        tree = checkpointer.metadata(path).item_metadata.tree
-        yield LazyParams(checkpointer, path, tree)
+        yield LazyParams(checkpointer, path, tree, root)
+
+
+def open_params(directory: str | os.PathLike):
+    """A context manager yielding a LazyParams over a converted checkpoint's parameters."""
+    return open_tree(params_path(directory))
 
 
 def checkpoint_bytes(directory: str | os.PathLike) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 
 from af_next_jax.config import ModelConfig, encoder_tokens_for_frames
 from af_next_jax.convert.hf_config import MODEL_TYPES
-from af_next_jax.convert.orbax_io import ConversionError, load_config, load_params
+from af_next_jax.convert.errors import BadInputError
 
 DEFAULT_RELATIVE_TOLERANCE = 1e-4
 TRANSFORMERS_CLASSES = {"musicflamingo": ("MusicFlamingoConfig", "MusicFlamingoForConditionalGeneration"),
@@ -71,14 +71,16 @@ def load_transformers_model(hf_dir: str | Path):
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
-        raise ConversionError(f"{config_path} not found")
+        raise BadInputError(f"{config_path} not found")
     hf = json.loads(config_path.read_text())
     model_type = hf.get("model_type")
     if model_type not in TRANSFORMERS_CLASSES:
-        raise ConversionError(f"{config_path}: model_type {model_type!r} cannot be verified; supported: "
-                              f"{MODEL_TYPES}")
+        raise BadInputError(f"{config_path}: model_type {model_type!r} cannot be verified; supported: "
+                            f"{MODEL_TYPES}")
     config_cls, model_cls = (getattr(transformers, name) for name in TRANSFORMERS_CLASSES[model_type])
     hf_config = config_cls.from_dict({**hf, "model_type": config_cls.model_type})
+    from af_next_jax.convert.hf_import import read_headers
+    read_headers(hf_dir)  # no (or truncated) safetensors: a message naming the files, not from_pretrained's
     return model_cls.from_pretrained(hf_dir, config=hf_config, dtype=torch.float32,
                                      attn_implementation="eager").eval()
 
@@ -110,8 +112,8 @@ def our_logits(params: dict, config: ModelConfig, batch: dict) -> np.ndarray:
 def compare_logits(reference: np.ndarray, ours: np.ndarray, valid: np.ndarray,
                    tolerance: float = DEFAULT_RELATIVE_TOLERANCE) -> VerifyResult:
     if reference.shape != ours.shape:
-        raise ConversionError(f"logit shapes differ: transformers {reference.shape}, ours {ours.shape}; "
-                              f"do --hf-dir and --checkpoint hold the same model?")
+        raise BadInputError(f"logit shapes differ: transformers {reference.shape}, ours {ours.shape}; "
+                            f"do --hf-dir and --checkpoint hold the same model?")
     ref, own = reference[valid].astype(np.float64), ours[valid].astype(np.float64)
     diff = float(np.abs(ref - own).max())
     log_p = ref - _logsumexp(ref)
@@ -139,12 +141,16 @@ def round_to_dtype(params: dict, dtype: str) -> dict:
     return jax.tree.map(lambda x: np.asarray(x).astype(low).astype(np.float32), params)
 
 
-def verify(hf_dir: str | Path, checkpoint: str | Path, *, tolerance: float = DEFAULT_RELATIVE_TOLERANCE,
-           seed: int = 0, round_to_hf_dtype: bool = True) -> VerifyResult:
-    """`round_to_hf_dtype`: when the HF weights are bfloat16/float16, round ours the same way first, so
-    the check measures the conversion, not the precision an export to that dtype gives up."""
-    config = load_config(checkpoint)
-    params = load_params(checkpoint)
+def verify(hf_dir: str | Path, checkpoint: str | Path, *, step: int | None = None,
+           tolerance: float = DEFAULT_RELATIVE_TOLERANCE, seed: int = 0, round_to_hf_dtype: bool = True) -> VerifyResult:
+    """`checkpoint` and `step` name our side as `to-hf` takes them (a converted checkpoint, or a training
+    workdir's export or saved step: sources.py). `round_to_hf_dtype`: when the HF weights are
+    bfloat16/float16, round ours the same way first, so the check measures the conversion, not the
+    precision an export to that dtype gives up."""
+    from af_next_jax.convert.sources import resolve
+    source = resolve(checkpoint, step)
+    config = source.config
+    params = source.load_params()
     dtype = hf_weight_dtype(hf_dir) if (Path(hf_dir) / "config.json").is_file() else "float32"
     if round_to_hf_dtype and dtype in ("bfloat16", "float16"):
         params = round_to_dtype(params, dtype)

@@ -1,11 +1,15 @@
 """Shared fixtures: tiny random MusicFlamingo / AF3 models saved as transformers writes them."""
 
+import json
 import logging
 
+import numpy as np
 import pytest
+from safetensors import safe_open
 
 from af_next_jax.config import tiny
 from af_next_jax.convert import cli
+from af_next_jax.convert.mapping import canonical_key
 from hf_reference import build_audio_model
 
 CONFIGS = {"musicflamingo": tiny(), "audioflamingo3": tiny(rote=None)}
@@ -13,6 +17,17 @@ CONFIGS = {"musicflamingo": tiny(), "audioflamingo3": tiny(rote=None)}
 
 def run_cli(*argv) -> int:
     return cli.main([str(a) for a in argv])
+
+
+def read_tensors(hf_dir) -> dict[str, np.ndarray]:
+    """Every tensor of a transformers directory (sharded or not), under its saved key."""
+    index = hf_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        with safe_open(str(hf_dir / name), framework="numpy") as handle:
+            tensors.update({canonical_key(key): handle.get_tensor(key) for key in handle.keys()})
+    return tensors
 
 
 @pytest.fixture(scope="session", params=sorted(CONFIGS))

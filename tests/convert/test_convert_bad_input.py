@@ -120,12 +120,14 @@ def test_existing_output_is_not_overwritten(tmp_path, capsys):
 
 
 def test_module_entry_point_reports_bad_input_with_exit_status_2(tmp_path):
-    """`python -m af_next_jax.convert` as users run it: message on stderr, no traceback, nothing written."""
+    """`python -m af_next_jax.convert` as users run it: one `error: ...` line on stderr (no traceback), nothing
+    written."""
     hf_dir = write_hf_dir(tmp_path / "hf", {"x": np.zeros(1, np.float32)}, {"model_type": "whisper"})
     result = subprocess.run([sys.executable, "-m", "af_next_jax.convert", "from-hf", "--hf-dir", str(hf_dir),
                              "--out", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "error: unsupported model_type 'whisper'" in result.stderr and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: unsupported model_type 'whisper'"), result.stderr
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -145,3 +147,44 @@ def test_bad_export_options_write_nothing(checkpoint, tmp_path, capsys, argv, me
     assert run_cli("to-hf", "--checkpoint", checkpoint, "--out", tmp_path / "out", *argv, "--quiet") == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_model_dimensions_in_config_json_are_bad_input(tmp_path, capsys):
+    """ModelConfig's own validation (a ValueError) on a user's config.json is an input error: one line."""
+    hf = to_hf_config(CONFIG)
+    hf["text_config"] = {**hf["text_config"], "num_attention_heads": 5}  # 5 heads do not divide 64
+    hf_dir = write_hf_dir(tmp_path / "hf", valid_tensors(), hf)
+    assert_fails_cleanly(tmp_path, hf_dir, capsys, str(hf_dir / "config.json"), "not a valid model config")
+
+
+def test_neither_checkpoint_nor_workdir_is_named_with_both_ways_to_make_one(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run_cli("to-hf", "--checkpoint", tmp_path / "empty", "--out", tmp_path / "out", "--quiet") == 2
+    error = capsys.readouterr().err
+    assert "neither a converted checkpoint" in error and "from-hf" in error and "af_next_jax.train" in error
+    assert not (tmp_path / "out").exists()
+
+
+# Runs `python -m af_next_jax.convert` as users do, with hf_import.read_params (after validation) replaced by
+# a function raising a ValueError: a bug, not bad input.
+INJECTED_BUG = """
+import runpy, sys
+from af_next_jax.convert import hf_import
+def read_params(plan, progress=True):
+    raise ValueError("injected internal bug")
+hf_import.read_params = read_params
+sys.argv = ["af_next_jax.convert"] + sys.argv[1:]
+runpy.run_module("af_next_jax.convert", run_name="__main__")
+"""
+
+
+def test_internal_value_error_keeps_its_traceback_and_exit_status_1(tmp_path):
+    hf_dir = write_hf_dir(tmp_path / "hf", valid_tensors())
+    result = subprocess.run([sys.executable, "-c", INJECTED_BUG, "from-hf", "--hf-dir", str(hf_dir),
+                             "--out", str(tmp_path / "ckpt"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "ValueError: injected internal bug" in result.stderr
+    assert "error: injected internal bug" not in result.stderr  # not dressed up as bad input
+    assert not [p.name for p in tmp_path.iterdir() if "ckpt" in p.name], "a partial output was left behind"
+

@@ -11,25 +11,14 @@ import transformers
 from safetensors import safe_open
 
 from af_next_jax.convert import orbax_io
-from af_next_jax.convert.mapping import canonical_key
-from conftest import run_cli
+from af_next_jax.convert.mapping import canonical_key, tensors_from_params
+from conftest import read_tensors, run_cli
 
 HF_CLASSES = {"musicflamingo": transformers.MusicFlamingoForConditionalGeneration,
               "audioflamingo3": transformers.AudioFlamingo3ForConditionalGeneration}
 # One model is enough for these; the session fixtures are reused, not rebuilt.
 MUSICFLAMINGO_ONLY = pytest.mark.parametrize("saved_model", ["musicflamingo"], indirect=True)
 KEY_WARNING_WORDS = ("LOAD REPORT", "missing", "unexpected", "not used", "newly initialized", "MISSING", "UNEXPECTED")
-
-
-def read_tensors(hf_dir) -> dict[str, np.ndarray]:
-    """Every tensor of a transformers directory (sharded or not), under its saved key."""
-    index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    tensors = {}
-    for name in files:
-        with safe_open(str(hf_dir / name), framework="numpy") as handle:
-            tensors.update({canonical_key(key): handle.get_tensor(key) for key in handle.keys()})
-    return tensors
 
 
 def assert_bit_identical(original: dict, exported: dict):
@@ -123,3 +112,30 @@ def test_tokenizer_files_are_copied(converted, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (tmp_path / "out" / name).read_text() == "{}"
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] in HF_CLASSES  # ours, not the copy
+
+
+@MUSICFLAMINGO_ONLY
+def test_float16_export_holds_our_weights_rounded_to_float16_and_loads_in_transformers(
+        saved_model, converted, tmp_path, capsys, transformers_warnings):
+    model_type, _, _, _ = saved_model
+    ckpt, _ = converted
+    assert run_cli("to-hf", "--checkpoint", ckpt, "--out", tmp_path / "f16", "--dtype", "float16", "--quiet") == 0
+    ours = dict(tensors_from_params(orbax_io.load_params(ckpt), orbax_io.load_config(ckpt)))  # float32
+    exported = read_tensors(tmp_path / "f16")
+    assert sorted(exported) == sorted(ours)
+    for key, value in ours.items():
+        assert exported[key].dtype == np.float16, f"{key}: {exported[key].dtype}"
+        # Within float16 precision: half a unit in the last place, 2^-11 relative (2^-25 absolute for subnormals).
+        error = np.abs(exported[key].astype(np.float32) - value)
+        assert np.all(error <= np.abs(value) * 2.0**-11 + 2.0**-25), key
+        np.testing.assert_array_equal(exported[key], value.astype(np.float16), err_msg=key)  # round to nearest
+    assert json.loads((tmp_path / "f16" / "config.json").read_text())["dtype"] == "float16"
+    model, info = HF_CLASSES[model_type].from_pretrained(tmp_path / "f16", output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    loaded = {canonical_key(key): value for key, value in model.state_dict().items()}
+    assert sorted(loaded) == sorted(exported)
+    for key, value in loaded.items():
+        assert value.dtype == torch.float16, key
+        assert torch.equal(value, torch.from_numpy(exported[key])), key
+    assert run_cli("verify", "--hf-dir", tmp_path / "f16", "--checkpoint", ckpt) == 0
+    assert "rounded to float16" in capsys.readouterr().out
