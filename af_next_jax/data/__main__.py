@@ -15,7 +15,8 @@ def main(argv=None) -> int:
                                                   "token lengths and every problem with its line number")
     inspect.add_argument("--manifest", required=True, action="append", help="JSONL manifest (repeatable)")
     inspect.add_argument("--tokenizer", required=True, help="tokenizer.json or SentencePiece .model")
-    inspect.add_argument("--preset", default="tiny", help="model preset giving the window length (default tiny)")
+    inspect.add_argument("--preset", default="tiny", help="model preset giving the window length and the audio "
+                                                          "layout (af3_7b: no <|sound_bos|>/<|sound_eos|>; default tiny)")
     inspect.add_argument("--seq-len", type=int, default=None, help="flag examples longer than this")
     demo = commands.add_parser("make-demo", help="write the bundled demo dataset (offline, seconds)")
     demo.add_argument("--out", required=True, help="output folder")

@@ -1,11 +1,16 @@
 """ChatML rendering with `<sound>` expansion and the assistant-only loss mask.
 
 Each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n` (Qwen2.5's template). Every `<sound>`
-placeholder in a user turn becomes `<|sound_bos|>` + N x `<sound>` + `<|sound_eos|>`, N the encoder
-tokens of that audio (sum over its windows of `encoder_tokens_for_frames`), as transformers'
-AF3/MusicFlamingo processor expands it. Trained tokens: the content of assistant turns and their
-`<|im_end|>` (the model must learn to stop); role headers, system/user text and audio are context.
-`<think>...</think>` reasoning is ordinary assistant content, kept verbatim with its timestamps.
+placeholder in a user turn becomes a run of N `<sound>` tokens, N the encoder tokens of that audio
+(sum over its windows of `encoder_tokens_for_frames`), laid out as transformers' processor of the
+model family lays it out (`audio_markers`):
+
+  MusicFlamingo / AF-Next (RoTE):  `<|sound_bos|>` + N x `<sound>` + `<|sound_eos|>`
+  Audio Flamingo 3 (no RoTE):      N x `<sound>`
+
+Trained tokens: the content of assistant turns and their `<|im_end|>` (the model must learn to
+stop); role headers, system/user text and audio are context. `<think>...</think>` reasoning is
+ordinary assistant content, kept verbatim with its timestamps.
 """
 
 from __future__ import annotations
@@ -14,15 +19,27 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from af_next_jax.config import ModelConfig
 from af_next_jax.data.manifest import AUDIO_PLACEHOLDER, Turn
 from af_next_jax.data.tokenizer import Tokenizer
 
 
-def encode_conversation(turns: Sequence[Turn], tokenizer: Tokenizer,
-                        audio_token_counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def uses_audio_markers(model_config: ModelConfig) -> bool:
+    """Whether each audio's `<sound>` run is wrapped in `<|sound_bos|>` ... `<|sound_eos|>`.
+
+    The one place that decides the layout from the model config: MusicFlamingo and AF-Next (RoTE)
+    wrap the run (transformers' `MusicFlamingoProcessor`); Audio Flamingo 3 (`rote is None`, as in
+    `convert`'s config mapping) does not (`AudioFlamingo3Processor` emits a bare run).
+    """
+    return model_config.rote is not None
+
+
+def encode_conversation(turns: Sequence[Turn], tokenizer: Tokenizer, audio_token_counts: Sequence[int], *,
+                        audio_markers: bool) -> tuple[np.ndarray, np.ndarray]:
     """(token_ids [n] int32, trainable [n] bool) of one conversation.
 
-    `audio_token_counts[k]` is N for the k-th `<sound>` placeholder (in reading order).
+    `audio_token_counts[k]` is N for the k-th `<sound>` placeholder (in reading order);
+    `audio_markers` is `uses_audio_markers(model_config)`.
     """
     special = tokenizer.special
     newline = tokenizer.encode("\n")
@@ -40,9 +57,9 @@ def encode_conversation(turns: Sequence[Turn], tokenizer: Tokenizer,
         pieces = turn.content.split(AUDIO_PLACEHOLDER) if turn.role == "user" else [turn.content]
         for piece_index, piece in enumerate(pieces):
             if piece_index:  # a placeholder stood before this piece
-                count = int(audio_token_counts[audio_index])
+                run = [special.audio] * int(audio_token_counts[audio_index])
                 audio_index += 1
-                emit([special.audio_bos] + [special.audio] * count + [special.audio_eos], False)
+                emit([special.audio_bos] + run + [special.audio_eos] if audio_markers else run, False)
             if piece:
                 emit(tokenizer.encode(piece), is_assistant)
         emit([special.im_end], is_assistant)

@@ -16,7 +16,7 @@ import numpy as np
 
 from af_next_jax.config import SAMPLE_RATE, ModelConfig, encoder_tokens_for_frames
 from af_next_jax.data import audio as audio_lib
-from af_next_jax.data.conversation import encode_conversation
+from af_next_jax.data.conversation import encode_conversation, uses_audio_markers
 from af_next_jax.data.features import valid_frames_for_samples
 from af_next_jax.data.manifest import ManifestError, parse_line
 from af_next_jax.data.tokenizer import Tokenizer
@@ -79,7 +79,8 @@ def inspect_manifest(manifest_path: str, tokenizer: Tokenizer, model_config: Mod
                 report.truncated_audio += windows.truncated_seconds > 0
                 frames = valid_frames_for_samples(windows.num_samples_W, encoder.mel_frames_per_window)
                 token_counts.append(int(encoder_tokens_for_frames(frames).sum()))
-            token_ids, _ = encode_conversation(example.conversation, tokenizer, token_counts)
+            token_ids, _ = encode_conversation(example.conversation, tokenizer, token_counts,
+                                               audio_markers=uses_audio_markers(model_config))
             if seq_len is not None and len(token_ids) > seq_len:
                 raise ManifestError("too_long", f"{len(token_ids)} tokens exceed seq_len {seq_len}")
         except (ManifestError, audio_lib.AudioError) as error:

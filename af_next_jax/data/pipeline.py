@@ -27,7 +27,7 @@ import numpy as np
 
 from af_next_jax.config import ModelConfig, encoder_tokens_for_frames
 from af_next_jax.data import audio as audio_lib
-from af_next_jax.data.conversation import encode_conversation
+from af_next_jax.data.conversation import encode_conversation, uses_audio_markers
 from af_next_jax.data.features import log_mel_windows, valid_frames_for_samples
 from af_next_jax.data.manifest import SKIP_REASONS, ManifestError, parse_line
 from af_next_jax.data.packing import STAT_NAMES, STATS_KEY, PackedBatchIterDataset
@@ -144,7 +144,8 @@ class ExamplePreparer:
             raise ManifestError("too_many_windows", f"line {line_number}: {num_windows} windows but a batch holds "
                                                     f"{self.max_windows_per_batch} (max_windows_per_batch)")
         # Token counts come from the window arithmetic alone, so length checks precede the log-mel work.
-        token_ids, trainable = encode_conversation(example.conversation, self.tokenizer, token_counts)
+        token_ids, trainable = encode_conversation(example.conversation, self.tokenizer, token_counts,
+                                                   audio_markers=uses_audio_markers(self.model_config))
         if len(token_ids) > self.seq_len:
             raise ManifestError("too_long", f"line {line_number}: {len(token_ids)} tokens exceed seq_len "
                                             f"{self.seq_len}")

@@ -1,16 +1,11 @@
 """Log-mel parity with transformers' WhisperFeatureExtractor (the reference), max abs diff <= 1e-4."""
 
-import glob
-import os
-import subprocess
-import sys
-import zipfile
-
 import numpy as np
 import pytest
 
 from af_next_jax import config as config_lib
 from af_next_jax.data.features import log_mel_windows, valid_frames_for_samples
+from external_fixtures import fixture_path
 
 TOLERANCE = 1e-4
 
@@ -60,26 +55,11 @@ def test_valid_frames_match_whisper_attention_mask():
         assert valid_frames_for_samples(num_samples, 500) == mask.sum()
 
 
-def _pyannote_sample(tmp_path):
-    """pyannote.audio's sample.wav (30 s of real speech), extracted at test time; None if unavailable."""
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--retries", "0", "--timeout", "15",
-                        "-d", str(tmp_path), "pyannote.audio"], check=True, capture_output=True, timeout=90)
-        wheel = glob.glob(os.path.join(tmp_path, "pyannote_audio-*.whl"))[0]
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extract("pyannote/audio/sample/sample.wav", tmp_path)
-    except Exception:
-        return None
-    return os.path.join(tmp_path, "pyannote/audio/sample/sample.wav")
-
-
-def test_log_mel_matches_whisper_extractor_on_real_speech(tmp_path):
+def test_log_mel_matches_whisper_extractor_on_real_speech():
+    """pyannote.audio's sample.wav (30 s of real speech; fetched by `make test`, see external_fixtures.py)."""
     from af_next_jax.data.audio import load_audio, split_windows
 
-    path = _pyannote_sample(tmp_path)
-    if path is None:
-        pytest.skip("pyannote.audio's sample.wav is not downloadable here")
-    samples = load_audio(path)
+    samples = load_audio(fixture_path("sample.wav"))
     encoder = config_lib.EncoderConfig()
     windows = split_windows(samples, encoder, max_windows=60)
     ours = log_mel_windows(windows.samples_WxS, encoder)

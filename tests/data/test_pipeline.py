@@ -196,3 +196,83 @@ def test_two_audios_in_one_example_and_text_only_examples(demo_dir, tiny_config,
     assert batch["segment_ids"].max() == 2
     assert batch["window_index"][:3].tolist() == [0, 1, 0]  # the index restarts for the second audio
     assert batch["mel_valid_frames"][3:].tolist() == [0] * 5
+
+
+def _noise_manifest(tmp_path, write_wav, lines):
+    """A manifest of one-audio lines: `lines` is a list of (seconds, audio-ref overrides) pairs."""
+    rng = np.random.default_rng(0)
+    records = []
+    for index, (seconds, ref) in enumerate(lines):
+        path = write_wav(tmp_path / f"noise_{index}.wav", 0.1 * rng.standard_normal(int(round(seconds * 16000))))
+        records.append(json.dumps({"audio": [{"path": path, **ref}],
+                                   "conversation": [{"role": "user", "content": f"<sound>clip {index}?"},
+                                                    {"role": "assistant", "content": "noise"}]}))
+    path = tmp_path / "noise.jsonl"
+    path.write_text("\n".join(records) + "\n")
+    return path
+
+
+def test_last_window_too_short_for_an_encoder_token_is_dropped(demo_dir, tiny_config, tmp_path, write_wav):
+    """10 s + 200 samples: two full 5 s windows and a 2-mel-frame tail (0 encoder tokens) that is dropped."""
+    path = _noise_manifest(tmp_path, write_wav, [(10.0 + 200 / 16000, {}), (10.0 + 800 / 16000, {})])
+    config = _config(demo_dir, manifests=(str(path),), num_epochs=1, shuffle=False, batch_size=2)
+    batch = next(make_batch_iterator(config, tiny_config))
+    validate_batch(batch, tiny_config)
+    tokens_per_window = tiny_config.encoder.tokens_per_window
+    frames = batch["mel_valid_frames"].tolist()
+    # First example: the tail is dropped (2 windows); second: its 5-frame tail keeps 1 token (3 windows).
+    assert frames[:5] == [500, 500, 500, 500, 5] and frames[5:] == [0] * 3
+    assert batch["window_index"][:5].tolist() == [0, 1, 0, 1, 2]
+    audio_per_row = (batch["token_ids"] == tiny_config.audio_token_id).sum(axis=1)
+    assert audio_per_row.tolist() == [2 * tokens_per_window, 2 * tokens_per_window + 1]
+
+
+def test_example_with_more_windows_than_a_batch_holds_is_skipped(demo_dir, tiny_config, tmp_path, write_wav):
+    """max_windows_per_batch=2: a 3-window (12 s) audio can never be packed, a 2-window one can."""
+    path = _noise_manifest(tmp_path, write_wav, [(12.0, {}), (8.0, {}), (3.0, {})])
+    config = _config(demo_dir, manifests=(str(path),), num_epochs=1, shuffle=False, batch_size=1,
+                     max_windows_per_batch=2, skip_threshold=1.0)
+    iterator = make_batch_iterator(config, tiny_config)
+    batches = list(iterator)
+    assert {reason: count for reason, count in iterator.skip_counts().items() if count} == {"too_many_windows": 1}
+    assert [batch["mel_valid_frames"].tolist() for batch in batches] == [[500, 300], [300, 0]]
+    assert iterator.metrics()["data/examples"] == 2
+
+
+def test_spans_outside_the_audio_are_skipped_as_bad_span(demo_dir, tiny_config, tmp_path, write_wav):
+    """`end <= start` (caught when parsing) and a `start` past the end of the file (caught when reading)."""
+    path = _noise_manifest(tmp_path, write_wav, [(3.0, {"start": 2.0, "end": 1.0}), (3.0, {"start": 4.0}),
+                                                 (3.0, {"start": 1.0, "end": 2.5})])
+    config = _config(demo_dir, manifests=(str(path),), num_epochs=1, shuffle=False, batch_size=1,
+                     skip_threshold=1.0)
+    iterator = make_batch_iterator(config, tiny_config)
+    batches = list(iterator)
+    assert {reason: count for reason, count in iterator.skip_counts().items() if count} == {"bad_span": 2}
+    assert len(batches) == 1 and batches[0]["mel_valid_frames"][0] == 150  # the 1.5 s span that is valid
+
+
+def test_inspect_counts_tokens_in_the_models_audio_layout(demo_dir, demo_tokenizer, tiny_config):
+    """AF3 (no RoTE) has no <|sound_bos|>/<|sound_eos|>: two tokens fewer per audio, as training sees them."""
+    from af_next_jax.data.inspection import inspect_manifest
+
+    manifest = str(demo_dir / "heldout.jsonl")
+    musicflamingo = inspect_manifest(manifest, demo_tokenizer, tiny_config)
+    audioflamingo3 = inspect_manifest(manifest, demo_tokenizer, tiny_config.replace(rote=None))
+    audios = [len(json.loads(line)["audio"]) for line in open(manifest).read().splitlines()]
+    assert musicflamingo.valid == audioflamingo3.valid == len(audios) and min(audios) > 0
+    assert [a - b for a, b in zip(musicflamingo.token_lengths, audioflamingo3.token_lengths)] == [2 * n for n in audios]
+
+
+@pytest.mark.parametrize("family", ["musicflamingo", "audioflamingo3"])
+def test_batches_carry_the_audio_markers_of_the_model_family(demo_dir, tiny_config, family):
+    """The model config handed to make_batch_iterator (as the trainer hands it) decides the layout."""
+    model_config = tiny_config if family == "musicflamingo" else tiny_config.replace(rote=None)
+    batch = next(make_batch_iterator(_config(demo_dir), model_config))
+    validate_batch(batch, model_config)
+    markers = np.isin(batch["token_ids"], [model_config.audio_bos_token_id, model_config.audio_eos_token_id])
+    assert (batch["token_ids"] == model_config.audio_token_id).any()
+    if family == "musicflamingo":
+        # Every run is wrapped: one <|sound_bos|> and one <|sound_eos|> per audio (one audio per demo example).
+        assert markers.sum() == 2 * int(batch["segment_ids"].max(axis=1).sum())
+    else:
+        assert not markers.any()

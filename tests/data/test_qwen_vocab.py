@@ -1,16 +1,13 @@
 """Qwen2.5's real vocabulary, built offline from qwen.tiktoken, through our tokenizer interface.
 
-qwen.tiktoken ships inside the `qwen-agent` wheel (extracted at test time, never committed); transformers'
-TikTokenConverter turns it into a byte-level BPE tokenizer.json. Reference ids are Qwen2.5's.
+qwen.tiktoken ships inside the `qwen-agent` wheel; `make test` extracts it into the fixture cache
+(external_fixtures.py, never committed). transformers' TikTokenConverter turns it into a byte-level
+BPE tokenizer.json. Reference ids are Qwen2.5's.
 """
 
-import glob
-import os
-import subprocess
-import sys
-import zipfile
-
 import pytest
+
+from external_fixtures import fixture_path
 
 # Qwen2's pre-tokenizer: like cl100k but single digits (\p{N}, not \p{N}{1,3}).
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -26,20 +23,11 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_st
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer_json(tmp_path_factory):
-    pytest.importorskip("tiktoken")
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.convert_slow_tokenizer import TikTokenConverter  # needs tiktoken (the test extra)
 
+    ranks = fixture_path("qwen.tiktoken")
     folder = tmp_path_factory.mktemp("qwen")
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--retries", "0", "--timeout", "15",
-                        "-d", str(folder), "qwen-agent"], check=True, capture_output=True, timeout=90)
-        wheel = glob.glob(os.path.join(folder, "qwen_agent-*.whl"))[0]
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extract("qwen_agent/utils/qwen.tiktoken", folder)
-    except Exception as error:
-        pytest.skip(f"qwen.tiktoken is not downloadable here: {error}")
-    tokenizer = TikTokenConverter(vocab_file=str(folder / "qwen_agent/utils/qwen.tiktoken"),
-                                  pattern=QWEN_PATTERN).converted()
+    tokenizer = TikTokenConverter(vocab_file=ranks, pattern=QWEN_PATTERN).converted()
     tokenizer.add_special_tokens(QWEN_SPECIALS)
     path = folder / "tokenizer.json"
     tokenizer.save(str(path))

@@ -147,24 +147,39 @@ def test_ring_implementation_on_a_ulysses_mesh_is_rejected():
             sequence_parallel_attention(query, key, value, implementation="ring", causal=True)
 
 
-@pytest.mark.slow  # the kernel runs in the Pallas interpreter on the CPU: ~50 s on 2 cores
-def test_ring_with_pallas_kernel_blocks_matches_reference():
+PALLAS_RINGS = [(MeshConfig(data=2, fsdp=1, ring=4), 2, True), (MeshConfig(data=4, fsdp=1, ring=2), 4, False)]
+
+
+# The kernel runs in the Pallas interpreter on the CPU: under 10 s per case on 2 cores, so CI runs it.
+@pytest.mark.parametrize("mesh_config,batch,causal", PALLAS_RINGS,
+                         ids=[f"r{m.ring}-{'causal' if c else 'full'}" for m, _, c in PALLAS_RINGS])
+def test_ring_with_pallas_kernel_blocks_matches_reference(monkeypatch, mesh_config, batch, causal):
     """The Pallas flash kernel (interpret mode on the CPU) as the ring's block forward."""
-    pytest.importorskip("af_next_kernels.flash_attention")
-    query, key, value, dout = random_inputs(2, 64, 4, 2, 8, seed=6)
-    segment_ids = packed_segment_ids(2, 64, seed=7)
+    from af_next_kernels import flash_attention as kernel_module
+
+    calls = []
+    kernel = kernel_module.flash_attention
+
+    def counted_kernel(*args, **kwargs):
+        calls.append(kwargs.get("causal"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "flash_attention", counted_kernel)
+    query, key, value, dout = random_inputs(batch, 64, 4, 2, 8, seed=6)
+    segment_ids = packed_segment_ids(batch, 64, seed=7)
 
     def reference(q, k, v):
-        return xla_attention(q, k, v, causal=True, segment_ids_q_BxL=segment_ids, segment_ids_kv_BxS=segment_ids)
+        return xla_attention(q, k, v, causal=causal, segment_ids_q_BxL=segment_ids, segment_ids_kv_BxS=segment_ids)
 
     expected = output_and_grads(reference, query, key, value, dout)
-    with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=1, ring=4))):
+    with jax.set_mesh(make_mesh(mesh_config)):
         def sharded(q, k, v):
             out = sequence_parallel_attention(
-                to_load_balanced(q), to_load_balanced(k), to_load_balanced(v), implementation="ring", causal=True,
+                to_load_balanced(q), to_load_balanced(k), to_load_balanced(v), implementation="ring", causal=causal,
                 segment_ids_q_BxL=to_load_balanced(segment_ids), segment_ids_kv_BxS=to_load_balanced(segment_ids),
                 block_implementation="pallas")
             return from_load_balanced(out)
         actual = output_and_grads(sharded, query, key, value, dout)
+    assert calls, "the ring never called the Pallas kernel"
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
         assert_close(a, e, name)

@@ -65,3 +65,22 @@ def test_command_line_overrides_are_typed_like_the_defaults():
 def test_unknown_override_key_names_the_valid_keys():
     with pytest.raises(KeyError, match="learning_rate"):
         load_config(os.path.join(REPO, "experiments", "debug.py"), ["--config.optimizer.lr=1e-4"])
+
+
+@pytest.mark.parametrize("weights,expected_share_of_second", [("(3.0, 1.0)", 0.25), ("()", 0.5)])
+def test_mixture_weights_reach_the_pipeline_through_data_config_from(tmp_path, weights, expected_share_of_second):
+    """`--config.data.weights` -> DataConfig.weights -> the share of each manifest in the record stream."""
+    from af_next_jax.data.pipeline import manifest_records
+    from af_next_jax.train.experiment import data_config_from
+
+    for name in ("first.jsonl", "second.jsonl"):
+        (tmp_path / name).write_text("".join(f'{{"line": {i}}}\n' for i in range(7)))
+    config = load_config(os.path.join(REPO, "experiments", "debug.py"), [
+        f"--config.data.dir={tmp_path}", "--config.data.train_manifests=('first.jsonl', 'second.jsonl')",
+        f"--config.data.weights={weights}"])
+    data_config = data_config_from(config)
+    assert data_config.manifests == (str(tmp_path / "first.jsonl"), str(tmp_path / "second.jsonl"))
+    assert data_config.weights == (None if weights == "()" else (3.0, 1.0))
+    records = manifest_records(data_config)
+    sources = [os.path.basename(records[index][0]) for index in range(800)]
+    assert sources.count("second.jsonl") / len(sources) == pytest.approx(expected_share_of_second, abs=0.02)
