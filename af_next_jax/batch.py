@@ -2,7 +2,7 @@
 
 A batch is a dict of arrays with static shapes (so one compiled step serves every batch):
 
-  token_ids       [B, L] int32    text ids; each audio is `<|sound_bos|>` + N x `<sound>` + `<|sound_eos|>`
+  token_ids       [B, L] int32    text ids; each audio is `<|sound_bos|>` + N x `<sound>` + `<|sound_eos|>` (AF3: the bare run)
   positions       [B, L] int32    RoPE position of each token inside its packed example (0, 1, ...)
   segment_ids     [B, L] int32    packed example of each token: 1, 2, ... per row; 0 = padding
   target_ids      [B, L] int32    the next token of the same example (already shifted; 0 where none)
