@@ -31,6 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
         num_workers=0,
         num_threads=2,
         seed=0,
+        # Independent data shards the stream is split into (train/host_data.py); each process reads
+        # shards / processes of them. 0 = one per process, fixed when the run first starts: a resumed
+        # run keeps it, so it continues on any process count that divides it with the same batches.
+        shards=0,
     ))
     # Mesh axis sizes (af_next_jax/parallel/mesh.py); -1 fills the remaining devices.
     config.mesh = ml_collections.ConfigDict(dict(

@@ -1,15 +1,32 @@
 """Checkpoints of a run: orbax `CheckpointManager` under WORKDIR/checkpoints/STEP/{state,data}.
 
 `state` is the TrainState (params, optimizer state, step, RNG, non-finite counters) as a dict of
-arrays; `data` is the input pipeline's iterator state (JSON), so a resumed run reads exactly the
-batches the uninterrupted run would have read. Saves are asynchronous (training continues while
-the arrays are written); orbax writes into a temporary folder and renames it when complete, so a
-run killed mid-save leaves no step that looks finished.
+arrays; `data` is JSON: the input pipeline's iterator state of every process (`iterators`, by
+process index; `iterator` repeats process 0's), so a resumed run reads exactly the batches the
+uninterrupted run would have read. Saves are asynchronous (training continues while the arrays are
+written); orbax writes into a temporary folder and renames it when complete, so a run killed
+mid-save leaves no step that looks finished. With several processes every process writes its own
+shards of the arrays (orbax multi-host); process 0 writes the metadata and the JSON.
+`keep` bounds how many steps stay on disk (the oldest go first).
 
-Restoring walks the steps from newest to oldest: a step that fails to load (a corrupted or
-truncated file) is moved to WORKDIR/corrupt_checkpoints/ with a warning and the previous step is
-tried. Arrays are restored straight into the shardings of the current mesh, which may differ from
-the mesh that saved them (another device count).
+Restoring walks the steps from newest to oldest and tells three failures apart:
+
+  unreadable   a step whose files are truncated, missing or fail their checksum (tensorstore
+               DATA_LOSS / OUT_OF_RANGE / NOT_FOUND, undecodable JSON, missing metadata): it is moved
+               to WORKDIR/corrupt_checkpoints/ with a warning naming it, and the previous step is tried.
+  mismatch     a readable step that does not fit this experiment (another model shape, stage or
+               optimizer: a different state tree, shape or dtype). Detected from the checkpoint's
+               metadata *before* any array is read; the run stops with `CheckpointMismatchError`
+               naming the first differing leaves and what to do. Nothing is moved.
+  I/O failure  permission denied, an unavailable or failing filesystem: retried `io_retries` times
+               with a growing pause, then the run stops with `CheckpointIOError`. Nothing is moved.
+
+Anything else (a bug) propagates unchanged and moves nothing. With several processes every
+decision is collective: each process reports what it saw and the most severe outcome wins, so all
+processes restore, fall back to, or stop at the same step; only process 0 moves files.
+
+Arrays are restored straight into the shardings of the current mesh, which may differ from the mesh
+that saved them (another device or process count).
 """
 
 from __future__ import annotations
@@ -18,63 +35,250 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
+
+from af_next_jax.train import multihost
 
 logger = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+CORRUPT_DIR = "corrupt_checkpoints"
+
+# Outcomes of reading one step on one process, by severity (the most severe over all processes wins).
+OK, UNREADABLE, IO_FAILED, MISMATCH, ERROR = range(5)
+_OUTCOME_NAMES = {OK: "ok", UNREADABLE: "unreadable", IO_FAILED: "I/O failure", MISMATCH: "mismatch",
+                  ERROR: "error"}
+# tensorstore reports errors as ValueError("STATUS: ..."); these statuses mean the bytes are bad or absent.
+_UNREADABLE_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+_IO_STATUSES = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
+                "UNKNOWN", "INTERNAL", "CANCELLED", "UNAUTHENTICATED", "FAILED_PRECONDITION")
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint that does not fit this experiment's state (tree, shapes or dtypes)."""
+
+
+class CheckpointIOError(OSError):
+    """Reading (or setting aside) a checkpoint failed with I/O errors, also after retrying."""
+
+
+class _Unreadable(Exception):
+    """Raised inside this module for a step whose files are proven bad (never escapes)."""
+
+
+def classify_error(error: BaseException) -> int:
+    """UNREADABLE, IO_FAILED, MISMATCH or ERROR (not a checkpoint problem) for an exception raised by a read."""
+    if isinstance(error, _Unreadable):
+        return UNREADABLE
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError, NotADirectoryError)):
+        return UNREADABLE
+    if isinstance(error, OSError):  # PermissionError, EIO, ESTALE, ETIMEDOUT, EROFS, ...
+        return IO_FAILED
+    if isinstance(error, KeyError) and ("not found in the checkpoint" in str(error) or "Unknown key" in str(error)):
+        return UNREADABLE  # an item folder (state/ or data/) is missing
+    if isinstance(error, ValueError):
+        message = str(error).lstrip()
+        status = message.split(":", 1)[0].strip()
+        if status in _UNREADABLE_STATUSES:
+            return UNREADABLE
+        if status in _IO_STATUSES or "OS error" in message or "Permission denied" in message:
+            return IO_FAILED
+        if "tree structures do not match" in message:
+            return MISMATCH
+    return ERROR
+
+
+def _leaf_paths(tree) -> dict[str, object]:
+    """{"a/b/c": leaf} of a tree as orbax stores it (tuples as lists, named tuples as dicts, ...)."""
+    flat = ocp.tree.to_flat_dict(tree)
+    return {"/".join(str(key) for key in path): leaf for path, leaf in flat.items()}
+
+
+def _describe(leaf) -> str:
+    shape = getattr(leaf, "shape", None)
+    dtype = getattr(leaf, "dtype", None)
+    if shape is None:
+        return type(leaf).__name__
+    return f"{tuple(shape)} {getattr(dtype, 'name', dtype)}"
+
+
+def state_differences(saved_metadata, abstract_state) -> list[str]:
+    """Human-readable differences between a checkpoint's state metadata and the expected state tree
+    (parameters first); empty when they fit."""
+    saved = {path: leaf for path, leaf in _leaf_paths(saved_metadata).items() if hasattr(leaf, "shape")}
+    expected = {path: leaf for path, leaf in _leaf_paths(ocp.tree.serialize_tree(abstract_state,
+                                                                                   keep_empty_nodes=True)).items()
+                if hasattr(leaf, "shape")}
+    differences = []
+    for path, leaf in expected.items():
+        if path not in saved:
+            differences.append(f"{path}: {_describe(leaf)} in this experiment, absent from the checkpoint")
+        elif tuple(saved[path].shape) != tuple(leaf.shape) or (
+                saved[path].dtype is not None and jax.numpy.dtype(saved[path].dtype) != jax.numpy.dtype(leaf.dtype)):
+            differences.append(f"{path}: checkpoint {_describe(saved[path])}, this experiment {_describe(leaf)}")
+    differences += [f"{path}: {_describe(leaf)} in the checkpoint, absent from this experiment"
+                    for path, leaf in saved.items() if path not in expected]
+    # Parameters first: they say what changed in the model; the optimizer state only follows them.
+    return sorted(differences, key=lambda line: not line.startswith("params/"))
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,
+                 io_retries: int = 3, retry_seconds: float = 2.0):
         self.directory = os.path.abspath(directory)
+        self.save_every = save_every
+        self.io_retries = io_retries
+        self.retry_seconds = retry_seconds
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM))
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler()})
+        self._saved = set(self._manager.all_steps())
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def due(self, step: int) -> bool:
+        return bool(self.save_every) and step % self.save_every == 0 and step not in self._saved
+
     def save(self, step: int, state: dict, data_state: bytes | None, *, force: bool = False) -> bool:
-        """Start saving (asynchronously) if `step` is due or `force`; True if a save started."""
-        if step in self._manager.all_steps():
-            return False
-        data = {"iterator": data_state.decode() if data_state is not None else None}
-        return self._manager.save(step, args=ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)}), force=force)
+        """Start saving (asynchronously) if `step` is due or `force`; True if a save started.
 
-    def restore_latest(self, abstract_state: dict) -> tuple[int, dict, bytes | None] | None:
-        """(step, state, data iterator state) of the newest loadable step, or None if there is none.
-
-        `abstract_state` is a tree of jax.ShapeDtypeStruct with the target shardings.
+        A collective with several processes: every process calls it at every step, with its own
+        iterator state; the states of all processes are gathered into the step's `data` JSON.
         """
-        for step in sorted(self._manager.all_steps(), reverse=True):
-            try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    **{STATE_ITEM: ocp.args.StandardRestore(abstract_state), DATA_ITEM: ocp.args.JsonRestore()}))
-                state = restored[STATE_ITEM]
-                jax.block_until_ready(state)
-            except Exception as error:  # noqa: BLE001 -- any failure to read a step means: try the previous
-                logger.warning("checkpoint step %d in %s cannot be restored (%s: %s); moving it to "
-                               "corrupt_checkpoints/ and falling back to the previous step", step, self.directory,
-                               type(error).__name__, str(error)[:300])
-                self._quarantine(step)
-                continue
-            iterator_state = restored[DATA_ITEM]["iterator"]
-            return step, state, iterator_state.encode() if iterator_state is not None else None
-        return None
+        if step in self._saved or not (force or self.due(step)):
+            return False
+        states = multihost.allgather_bytes(data_state if data_state is not None else b"")
+        iterators = [state.decode() if state else None for state in states]
+        data = {"iterator": iterators[0], "iterators": iterators, "processes": len(iterators)}
+        self._manager.save(step, args=ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)}), force=True)
+        self._saved.add(step)
+        return True
 
-    def _quarantine(self, step: int) -> None:
-        source = os.path.join(self.directory, str(step))
-        target_root = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
-        os.makedirs(target_root, exist_ok=True)
-        if os.path.exists(source):
-            shutil.move(source, os.path.join(target_root, f"{step}-{len(os.listdir(target_root))}"))
+    # ---------------------------------------------------------------- restore
+
+    def restore_latest(self, abstract_state: dict) -> tuple[int, dict, list[bytes | None] | None] | None:
+        """(step, state, iterator states by saving process) of the newest readable step, or None if none.
+
+        `abstract_state` is a tree of jax.ShapeDtypeStruct with the target shardings. Raises
+        CheckpointMismatchError or CheckpointIOError (see the module docstring); moves only
+        unreadable steps.
+        """
+        below = None
+        while True:
+            local = [step for step in self.all_steps() if below is None or step < below]
+            step = multihost.agree_min(local[-1] if local else -1)
+            if step < 0:
+                return None
+            restored = self._restore_step(step, abstract_state)
+            if restored is not None:
+                state, data = restored
+                iterators = data.get("iterators") if isinstance(data, dict) else None
+                if iterators is None and isinstance(data, dict) and "iterator" in data:
+                    iterators = [data["iterator"]]  # written before per-process states were saved
+                iterators = [s.encode() if s is not None else None for s in iterators] if iterators else None
+                return step, state, iterators
+            self._set_aside(step)
+            below = step
+
+    def _restore_step(self, step: int, abstract_state: dict):
+        """(state, data JSON) of `step`, or None if it is unreadable on some process (set it aside)."""
+        last_error = None
+        for attempt in range(self.io_retries + 1):
+            outcome, detail = self._attempt(step, abstract_state)
+            agreed = multihost.agree_max(outcome)
+            if agreed == OK:
+                return detail
+            if outcome != OK:
+                last_error = detail
+            where = "" if outcome == agreed else " (reported by another process)"
+            if agreed == MISMATCH:
+                raise CheckpointMismatchError(
+                    detail if outcome == MISMATCH else f"checkpoint step {step} in {self.directory} does not fit "
+                    f"this experiment{where}") from None
+            if agreed == ERROR:
+                if isinstance(detail, BaseException):
+                    raise detail
+                raise RuntimeError(f"restoring checkpoint step {step} failed on another process; see its log")
+            if agreed == UNREADABLE:
+                logger.warning("checkpoint step %d in %s is unreadable%s (%s); moving it to %s/ and falling back "
+                               "to the previous step", step, self.directory, where, _short(detail),
+                               CORRUPT_DIR)
+                return None
+            # IO_FAILED: maybe transient; never move anything.
+            if attempt < self.io_retries:
+                pause = self.retry_seconds * 2**attempt
+                logger.warning("reading checkpoint step %d in %s failed with an I/O error%s (%s); retrying in "
+                               "%.1f s (%d/%d)", step, self.directory, where, _short(last_error), pause,
+                               attempt + 1, self.io_retries)
+                time.sleep(pause)
+        raise CheckpointIOError(
+            f"reading checkpoint step {step} in {self.directory} failed with I/O errors {self.io_retries + 1} "
+            f"times (last: {_short(last_error)}). Nothing was moved or deleted. Check the filesystem "
+            f"(permissions, mount, quota, network storage), then run the same command again.")
+
+    def _attempt(self, step: int, abstract_state: dict):
+        """(outcome, detail) of reading `step` on this process: detail is the restored pair when OK,
+        the mismatch message, or the exception."""
+        try:
+            metadata = self._manager.item_metadata(step)
+            saved = metadata[STATE_ITEM]
+            if saved is None:
+                raise _Unreadable(f"step {step} has no readable state metadata ({STATE_ITEM}/_METADATA missing)")
+            differences = state_differences(getattr(saved, "tree", saved), abstract_state)
+            if differences:
+                return MISMATCH, self._mismatch_message(step, differences)
+        except Exception as error:  # noqa: BLE001 -- classified; unknown errors are re-raised by the caller
+            return classify_error(error), error
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardRestore(abstract_state), DATA_ITEM: ocp.args.JsonRestore()}))
+            state = jax.block_until_ready(restored[STATE_ITEM])
+            return OK, (state, restored[DATA_ITEM])
+        except Exception as error:  # noqa: BLE001
+            return classify_error(error), error
+
+    def _mismatch_message(self, step: int, differences: list[str]) -> str:
+        workdir = os.path.dirname(self.directory)
+        shown = "\n  ".join(differences[:6])
+        more = f"\n  ... and {len(differences) - 6} more" if len(differences) > 6 else ""
+        return (f"checkpoint step {step} in {self.directory} does not fit this experiment ({len(differences)} "
+                f"differing leaves):\n  {shown}{more}\n"
+                f"The workdir holds a run of another experiment (a different model shape, stage or optimizer; "
+                f"its settings are in {os.path.join(workdir, 'config.json')}). Nothing was moved or deleted. "
+                f"To continue that run, use the config it was started with. To run this experiment, give it a new "
+                f"--workdir; to start it from that run's weights, add --config.init_from={workdir} (its export/, "
+                f"written when it finished).")
+
+    def _set_aside(self, step: int) -> None:
+        """Move an unreadable step to WORKDIR/corrupt_checkpoints/ (process 0), then all reload."""
+        failure = None
+        if jax.process_index() == 0:
+            source = os.path.join(self.directory, str(step))
+            target_root = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
+            try:
+                os.makedirs(target_root, exist_ok=True)
+                target = os.path.join(target_root, f"{step}-{len(os.listdir(target_root))}")
+                if os.path.exists(source):
+                    shutil.move(source, target)
+                    logger.warning("moved unreadable checkpoint step %d to %s", step, target)
+            except OSError as error:
+                failure = error
+        if multihost.agree_any(failure is not None):
+            raise CheckpointIOError(
+                f"checkpoint step {step} in {self.directory} is unreadable, and moving it to "
+                f"{CORRUPT_DIR}/ failed ({_short(failure) if failure else 'on process 0'}). Nothing was moved. Make "
+                f"the workdir writable, or move {os.path.join(self.directory, str(step))} away by hand, then run "
+                f"the same command again.")
         self._manager.reload()
+        self._saved.discard(step)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -82,6 +286,13 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _short(error) -> str:
+    if error is None:
+        return "unknown"
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    return text.replace("\n", " ")[:300]
 
 
 def write_json(path: str, value) -> None:

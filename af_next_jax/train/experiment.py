@@ -111,19 +111,31 @@ def process_count() -> int:
     return jax.process_count()
 
 
-def data_config_from(config: ml_collections.ConfigDict, split: str = "train"):
-    """DataConfig of the training mixture (`split="train"`) or the held-out manifest (`"heldout"`)."""
+def data_config_from(config: ml_collections.ConfigDict, split: str = "train", *, shard: int | None = None,
+                     num_shards: int | None = None):
+    """DataConfig of the training mixture (`split="train"`) or the held-out manifest (`"heldout"`).
+
+    `config.data.batch_size` and `max_windows_per_batch` are global. By default the result is this
+    process's part of them (its share of the stream, `jax.process_index()` of `jax.process_count()`);
+    with `shard`/`num_shards` it is data shard `shard` of `num_shards` (train/host_data.py).
+    """
     from af_next_jax.data import DataConfig
 
     data = config.data
-    hosts = process_count()
+    if num_shards is None:
+        hosts, index = process_count(), None
+        what = f"{hosts} hosts"
+    else:
+        hosts, index = num_shards, shard
+        what = f"{num_shards} data shards"
     for name in ("batch_size", "max_windows_per_batch"):
         if data[name] % hosts:
-            raise ValueError(f"config.data.{name}={data[name]} is global and must split evenly over {hosts} hosts")
+            raise ValueError(f"config.data.{name}={data[name]} is global and must split evenly over {what}")
     common = dict(tokenizer=resolve_path(data.dir, data.tokenizer), seq_len=data.seq_len,
                   batch_size=data.batch_size // hosts, max_windows_per_batch=data.max_windows_per_batch // hosts,
                   num_workers=data.num_workers, num_threads=data.num_threads, seed=data.seed,
-                  max_windows_per_audio=data.get("max_windows_per_audio") or None)
+                  max_windows_per_audio=data.get("max_windows_per_audio") or None,
+                  process_index=index, process_count=None if index is None else hosts)
     if split == "train":
         return DataConfig(manifests=tuple(resolve_path(data.dir, m) for m in data.train_manifests),
                           weights=tuple(data.weights) if data.get("weights") else None, **common)

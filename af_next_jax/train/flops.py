@@ -20,7 +20,8 @@ Backward: for each part, its weight gradients cost 1x the part's matmul forward 
 and its input gradients 1x (2x for the attention core) if it or a part upstream of it is trained
 (gradients must reach its own earlier layers or the upstream part); conv1's input gradient (with
 respect to the mel spectrogram) is never needed. A full fine-tune is therefore ~3x forward, the
-projector-only stage ~2x (the decoder's input gradients, no weight gradients).
+projector-only stage ~2x (the decoder's input gradients, no weight gradients; nor the input gradient of
+the projector's linear_1, since nothing upstream of it is trained).
 """
 
 from __future__ import annotations
@@ -33,15 +34,26 @@ import jax.numpy as jnp
 
 from af_next_jax.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device (vendor figures).
+# Dense bf16 peak FLOP/s per device (vendor figures), matched by prefix of `device_kind`, first
+# match wins (so the more specific kinds come first).
 PEAK_FLOPS_BY_DEVICE_KIND = {
+    "TPU v6 lite": 918e12,
     "TPU v5p": 459e12,
     "TPU v5 lite": 197e12,
-    "TPU v6 lite": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
+    "TPU v5": 459e12,
+    "TPU v4": 275e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA GH200": 989e12,
+    "NVIDIA H20": 148e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA GB200": 2500e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10G": 70e12,
 }
 
 
@@ -77,7 +89,8 @@ def forward_flops_by_part(config: ModelConfig, *, batch_size: int, seq_len: int,
     encoder_flops = PartFlops(matmul=num_windows * (conv + layers),
                               attention=num_windows * encoder.num_layers * t2 * 4 * t2 * a,
                               first_input_matmul=num_windows * 2 * frames * 3 * mels * a)
-    projector_flops = PartFlops(matmul=num_windows * (t2 // 2) * (2 * a * d + 2 * d * d))
+    projector_flops = PartFlops(matmul=num_windows * (t2 // 2) * (2 * a * d + 2 * d * d),
+                                first_input_matmul=num_windows * (t2 // 2) * 2 * a * d)
     return {"encoder": encoder_flops, "projector": projector_flops, "decoder": decoder_flops}
 
 
@@ -101,25 +114,39 @@ def train_step_flops(config: ModelConfig, *, batch_size: int, seq_len: int, num_
     return total
 
 
-def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
-    """(peak FLOP/s, where the number came from). CPU: a measured float32 matmul rate."""
+def peak_flops_per_device(configured: float = 0.0, devices=None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number came from) for the devices a run uses.
+
+    `devices` are the mesh's devices (default: all). The kind comes from them; an unknown kind
+    (a CPU, or an accelerator missing from the table) is measured with a matmul on one of this
+    process's devices among them, outside any mesh context, so any device count works.
+    """
     if configured:
         return configured, "config"
-    device = jax.devices()[0]
-    for kind, flops in PEAK_FLOPS_BY_DEVICE_KIND.items():
-        if device.device_kind.startswith(kind):
-            return flops, f"table ({device.device_kind})"
-    return measured_matmul_flops(), f"measured matmul ({device.device_kind})"
+    devices = list(jax.devices() if devices is None else devices)
+    kinds = sorted({device.device_kind for device in devices})
+    if len(kinds) == 1:
+        for kind, flops in PEAK_FLOPS_BY_DEVICE_KIND.items():
+            if kinds[0].startswith(kind):
+                return flops, f"table ({kinds[0]})"
+    local = [device for device in devices if device.process_index == jax.process_index()] or jax.local_devices()
+    return measured_matmul_flops(device=local[0]), f"measured matmul ({', '.join(kinds)})"
 
 
-def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a float32 [size, size] matmul on device 0: the practical peak of a CPU."""
-    x = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
-    matmul = jax.jit(lambda a: a @ a)
-    matmul(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def measured_matmul_flops(size: int = 1024, repeats: int = 5, device=None) -> float:
+    """FLOP/s of a [size, size] matmul on `device` (default: this process's first): float32 on a CPU
+    (its practical peak), bfloat16 with size >= 4096 on an accelerator. Runs outside any mesh context."""
+    device = device if device is not None else jax.local_devices()[0]
+    dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
+    if device.platform != "cpu":
+        size = max(size, 4096)
+    with jax.set_mesh(None):  # a run calls this inside its mesh; the matmul runs on one device
+        x = jax.device_put(jnp.ones((size, size), dtype), device)
+        matmul = jax.jit(lambda a: a @ a)
         matmul(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(x).block_until_ready()
+            best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best

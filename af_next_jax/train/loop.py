@@ -5,13 +5,16 @@ WORKDIR/
   checkpoints/STEP/   orbax: TrainState + data-iterator state (checkpointing.py)
   metrics.jsonl       every step's scalars and every evaluation (metrics.py)
   tensorboard/        event files
-  train.log           the log lines
+  train.log           the log lines (process 0; process i > 0 writes train.process_i.log)
   export/             the final parameters in the converter's layout (`convert to-hf` reads it)
-  nonfinite_step_N.npz  the batch of a run stopped by non-finite losses
+  nonfinite_step_N.npz  the batch of a run stopped by non-finite losses (process 0's rows)
 
 Per step: dispatch the jitted step, read the next batch from the pipeline while the device works,
-then read the step's scalars. SIGTERM (preemption) sets a flag; the loop saves at the end of the
-step it is in and exits cleanly.
+then read the step's scalars. SIGTERM (preemption) asks for a stop: the loop saves at the end of a
+step and exits cleanly. With several processes (launch.py) every process runs this same loop on its
+own share of each batch (host_data.py); the stop after a SIGTERM to any one of them, and the
+non-finite stop, are decided together, so all save the same step. Metrics, TensorBoard, config.json
+and the export's JSON are written by process 0 only.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 import numpy as np
@@ -31,8 +36,9 @@ import numpy as np
 from af_next_jax.model.af_next import AFNextModel
 from af_next_jax.batch import zeros_batch
 from af_next_jax.parallel import logical_axis_rules, make_mesh, validate_sequence_parallel
-from af_next_jax.train import experiment
+from af_next_jax.train import experiment, multihost
 from af_next_jax.train.checkpointing import Checkpointer, write_json
+from af_next_jax.train.host_data import HostBatches, owned_shards, resolve_shard_count, saved_shard_count
 from af_next_jax.train.flops import peak_flops_per_device, train_step_flops
 from af_next_jax.train.metrics import MetricsWriter, format_log_line
 from af_next_jax.train.optimizer import STAGES, make_optimizer, parameter_labels, trainable_mask
@@ -54,23 +60,44 @@ class RunResult:
     workdir: str
 
 
-class _PreemptionFlag:
-    """Set by SIGTERM; the loop checks it after every step."""
+class _Preemption:
+    """Whether to stop after this step because some process got SIGTERM (a preemption notice).
+
+    One process: a SIGTERM handler sets a flag. Several processes: jax's preemption sync manager
+    (started by `jax.distributed.initialize`, it catches SIGTERM itself) propagates a notice from any
+    process to all and names the same step for everyone (`reached_preemption_sync_point`); without it
+    (`jax_enable_preemption_service=False`) each process's flag is combined with a collective `any`
+    every step. Either way all processes stop after the same step.
+    """
 
     def __init__(self):
-        self.requested = False
+        self._flag = False
         self._previous = None
+        self._sync_manager = False
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._previous = None
+        if multihost.is_multiprocess():
+            from jax._src import distributed
+
+            self._sync_manager = distributed.global_state.preemption_sync_manager is not None
+        if not self._sync_manager:  # the sync manager's own SIGTERM handler must stay in place
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                self._previous = None
         return self
 
     def _handle(self, signum, frame):
         del signum, frame
-        self.requested = True
+        self._flag = True
+
+    def should_stop(self, step: int) -> bool:
+        """Call after every step, on every process, with the same step."""
+        if self._sync_manager:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return multihost.agree_any(self._flag)
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -78,16 +105,25 @@ class _PreemptionFlag:
 
 
 def _setup_logging(workdir: str) -> None:
+    """Process 0 logs INFO to the console and train.log; process i > 0 logs to train.process_i.log and
+    only warnings and errors to the console (so a failing host is visible)."""
     root = logging.getLogger()
-    path = os.path.abspath(os.path.join(workdir, "train.log"))
+    index, count = jax.process_index(), jax.process_count()
+    name = "train.log" if index == 0 else f"train.process_{index}.log"
+    path = os.path.abspath(os.path.join(workdir, name))
+    tag = f"[process {index}/{count}] " if count > 1 else ""
     if not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
         handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"))
         root.addHandler(handler)
     if not any(type(h) is logging.StreamHandler for h in root.handlers):
         stream = logging.StreamHandler()
-        stream.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        stream.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(message)s", "%H:%M:%S"))
         root.addHandler(stream)
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler and index > 0:
+            handler.setLevel(logging.WARNING)
+            handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s", "%H:%M:%S"))
     root.setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -109,9 +145,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
 
     `batches` (an iterator of numpy batches with get_state/set_state) and `eval_batches_factory`
     replace the data pipeline (tests feed synthetic batches); by default both come from config.data.
+    With several processes (launch.py), every process calls this with the same arguments.
     """
     os.makedirs(workdir, exist_ok=True)
     _setup_logging(workdir)
+    from af_next_jax.train import launch
+
+    logger.info("%s", launch.describe(launch.current()))
     from af_next_jax.data import load_tokenizer, make_batch_iterator
 
     tokenizer_ids = None
@@ -119,9 +159,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
         tokenizer = load_tokenizer(experiment.data_config_from(config).tokenizer)
         tokenizer_ids = tokenizer.model_config_ids()
     model_config = experiment.model_config_from(config, tokenizer_ids)
-    data_config = experiment.data_config_from(config) if batches is None else None
-    if batches is None:
-        batches = make_batch_iterator(data_config, model_config)
     if eval_batches_factory is None and config.eval_every and config.data.get("heldout_manifest"):
         heldout = experiment.data_config_from(config, "heldout")
         eval_batches_factory = lambda: make_batch_iterator(heldout, model_config)  # noqa: E731
@@ -134,11 +171,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
                                num_kv_heads=model_config.decoder.num_kv_heads, sequence_length=data.seq_len,
                                batch_size=data.batch_size,
                                implementation=model_config.attention_implementation)
-    if jax.process_index() == 0:
-        write_json(os.path.join(workdir, "config.json"), {
-            "experiment": json.loads(config.to_json_best_effort()), "model": dataclasses.asdict(model_config),
-            "mesh": mesh_config.axis_sizes(), "devices": jax.device_count(),
-            "data": dataclasses.asdict(data_config) if data_config else "injected batches"})
 
     model = AFNextModel(model_config)
     example = zeros_batch(model_config, batch_size=data.batch_size, seq_len=data.seq_len,
@@ -147,10 +179,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every,
                                 keep=config.keep_checkpoints, async_save=config.async_checkpointing)
+    # Peak FLOP/s of the mesh's devices; measured (CPU, unknown kinds) on one local device, before the
+    # mesh context, so hosts with several devices of any kind start.
+    peak_flops, peak_source = peak_flops_per_device(config.peak_flops_per_device, mesh.devices.flat)
     # The rules table shards parameters, optimizer state and batches (explicit shardings of the jitted
     # step) and, as an `nn.logical_axis_rules` scope, the model's activation constraints (so the decoder
     # sequence stays sharded end to end). Sequence-parallel attention reads the mesh set here.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _PreemptionFlag() as preemption:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _Preemption() as preemption:
         # Labels need only the tree structure: build them from the abstract parameters.
         abstract_params = unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), example))
         labels = parameter_labels(abstract_params, config.stage)
@@ -158,18 +193,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
         setup = sharded_setup(model, optimizer, example, mesh, rules)
 
         restored = checkpointer.restore_latest(abstract_state(setup, optimizer).to_dict())
+        iterator_states = restored[2] if restored is not None else None
+        _check_whole_rows_per_process(setup.step_batch_shardings["token_ids"],
+                                      (accum, data.batch_size, data.seq_len))
+        data_config = None
+        if batches is None:
+            batches, data_config = _host_batches(config, model_config, iterator_states,
+                                                 restored[0] if restored is not None else None)
+        elif iterator_states is not None:
+            _restore_injected(batches, iterator_states)
+        if jax.process_index() == 0:
+            write_json(os.path.join(workdir, "config.json"), {
+                "experiment": json.loads(config.to_json_best_effort()), "model": dataclasses.asdict(model_config),
+                "mesh": mesh_config.axis_sizes(), "devices": jax.device_count(), "processes": jax.process_count(),
+                "data_shards": getattr(batches, "num_shards", None),
+                "data": dataclasses.asdict(data_config) if data_config else "injected batches"})
         if restored is not None:
-            step, state_dict, iterator_state = restored
+            step, state_dict, _ = restored
             state = TrainState.from_dict(state_dict)
-            if iterator_state is not None:
-                batches.set_state(iterator_state)
             logger.info("resumed from %s at step %d", checkpointer.directory, step)
         else:
             initial = load_initial_params(config.init_from, setup.abstract_params) if config.init_from else None
             state = init_train_state(model, optimizer, setup, example, config.seed, initial)
             step = 0
-            logger.info("started %s: %s model, stage %s (trains %s), %d devices, mesh %s", workdir,
+            logger.info("started %s: %s model, stage %s (trains %s), %d devices in %d processes, mesh %s", workdir,
                         config.model.preset, config.stage, "+".join(STAGES[config.stage]), jax.device_count(),
+                        jax.process_count(),
                         {k: v for k, v in mesh_config.axis_sizes().items() if v > 1} or "1 device")
 
         train_step = jax.jit(
@@ -184,7 +233,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
         flops_per_step = accum * train_step_flops(
             model_config, batch_size=example["token_ids"].shape[0], seq_len=data.seq_len,
             num_windows=example["mel_valid_frames"].shape[0], trained_groups=STAGES[config.stage])
-        peak_flops, peak_source = peak_flops_per_device(config.peak_flops_per_device)
         logger.info("%.3g FLOPs per step (analytic); peak %.3g FLOP/s per device (%s)", flops_per_step,
                     peak_flops, peak_source)
 
@@ -216,10 +264,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
             if log_now:
                 logger.info(format_log_line(step, config.total_steps, metrics))
 
-            if metrics["nonfinite_streak"] >= config.max_nonfinite_streak:
+            # nonfinite_streak is a replicated output of the step, equal on every process; the stop is
+            # still decided collectively so that no process can leave the others waiting in a collective.
+            if multihost.agree_any(metrics["nonfinite_streak"] >= config.max_nonfinite_streak):
                 checkpointer.save(step, state.to_dict(), iterator_state, force=True)
                 path = os.path.join(workdir, f"nonfinite_step_{step}.npz")
-                np.savez(path, **last_batch)
+                if jax.process_index() == 0:
+                    np.savez(path, **last_batch)
                 logger.error("%d non-finite steps in a row (max_nonfinite_streak); stopping at step %d with the "
                              "state saved and the last batch in %s", int(metrics["nonfinite_streak"]), step, path)
                 result = RunResult("nonfinite", step, metrics["loss"], workdir)
@@ -231,7 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
                           setup.micro_batch_shardings, writer, step)
                 if timer_start is not None:
                     timer_start += time.perf_counter() - pause
-            if preemption.requested:
+            if preemption.should_stop(step):
                 checkpointer.save(step, state.to_dict(), iterator_state, force=True)
                 checkpointer.wait()
                 logger.warning("SIGTERM: saved step %d to %s; exiting (run the same command to resume)",
@@ -257,14 +308,73 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
     return result
 
 
+def _check_whole_rows_per_process(sharding, shape) -> None:
+    """Each process must own whole batch rows that no other process holds: it reads its own rows.
+
+    A mesh that splits the sequence across processes (dcn_ring / dcn_ulysses > 1, or ring/ulysses
+    axes spanning hosts) gives several processes slices of the same rows; the pipeline cannot feed
+    that yet (each process would need the same rows), so stop before training on wrong data.
+    """
+    if jax.process_count() == 1:
+        return
+    rows: dict[int, set] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        rows.setdefault(device.process_index, set()).add(index[1].indices(shape[1])[:2])
+    owners: dict[tuple, set] = {}
+    for process, slices in rows.items():
+        for row_slice in slices:
+            owners.setdefault(row_slice, set()).add(process)
+    shared = {row_slice: processes for row_slice, processes in owners.items() if len(processes) > 1}
+    if shared:
+        row_slice, processes = next(iter(shared.items()))
+        raise ValueError(
+            f"the mesh splits batch rows across processes (rows {row_slice[0]}-{row_slice[1] - 1} live on processes "
+            f"{sorted(processes)}): the sequence-parallel axes span hosts (dcn_ring / dcn_ulysses, or ring x ulysses "
+            f"larger than one host's devices). The data pipeline gives each process whole rows of its own, so this "
+            f"layout is not supported across processes yet; keep ring and ulysses inside a host and use "
+            f"dcn_fsdp / dcn_data across hosts.")
+
+
+def _host_batches(config, model_config, iterator_states, saved_step):
+    """This process's HostBatches (its data shards), positioned where the checkpoint left them."""
+    from af_next_jax.data import make_batch_iterator
+
+    data = config.data
+    num_shards = resolve_shard_count(data.get("shards", 0), jax.process_count(), data.batch_size,
+                                     data.max_windows_per_batch, saved_shard_count(iterator_states), saved_step)
+    shards = owned_shards(num_shards, jax.process_index(), jax.process_count())
+    configs = {shard: experiment.data_config_from(config, shard=shard, num_shards=num_shards) for shard in shards}
+    batches = HostBatches({shard: make_batch_iterator(c, model_config) for shard, c in configs.items()}, num_shards)
+    if iterator_states is not None:
+        batches.set_global_state(iterator_states)
+    logger.info("data: %d shards, this process reads shards %d-%d", num_shards, shards.start, shards.stop - 1)
+    return batches, configs[shards.start]
+
+
+def _restore_injected(batches, iterator_states: list) -> None:
+    if hasattr(batches, "set_global_state"):
+        batches.set_global_state(iterator_states)
+        return
+    if len(iterator_states) != jax.process_count():
+        raise ValueError(f"the checkpoint holds the iterator states of {len(iterator_states)} processes, this run "
+                         f"has {jax.process_count()}; resume with {len(iterator_states)} processes")
+    state = iterator_states[jax.process_index()]
+    if state is not None:
+        batches.set_state(state)
+
+
 def _evaluate(eval_step, params, factory, cache: list, max_batches: int, shardings, writer, step: int) -> dict:
-    """Loss and token accuracy over the held-out set (its first `max_batches` batches, cached on device)."""
+    """Loss and token accuracy over the held-out set (its first `max_batches` batches, cached on device).
+
+    With several processes each reads its own share of the held-out manifest; all use as many
+    batches as the process with the fewest has (every batch is one collective step)."""
     if not cache:
         batches = factory()
-        for _, batch in zip(range(max_batches), batches):
-            cache.append(_put(batch, shardings))
+        host_batches = [batch for _, batch in zip(range(max_batches), batches)]
         if hasattr(batches, "close"):
             batches.close()
+        count = multihost.agree_min(len(host_batches))
+        cache.extend(_put(batch, shardings) for batch in host_batches[:count])
     totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
     for batch in cache:
         sums = jax.device_get(eval_step(params, batch))
@@ -277,15 +387,41 @@ def _evaluate(eval_step, params, factory, cache: list, max_batches: int, shardin
     return scalars
 
 
-def export_params(workdir: str, params, model_config) -> str | None:
-    """WORKDIR/export in the converter's layout (params + model_config.json) for `convert to-hf`."""
-    if jax.process_index() != 0:
-        return None
-    from af_next_jax.convert.orbax_io import atomic_directory, save_checkpoint
+def export_params(workdir: str, params, model_config) -> str:
+    """WORKDIR/export in the converter's layout (params + model_config.json) for `convert to-hf`.
 
-    out = os.path.join(workdir, "export")
-    host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-    with atomic_directory(out, overwrite=True) as staging:
-        save_checkpoint(staging, host_params, model_config, {"source": "af_next_jax.train", "workdir": workdir})
+    A collective: every process calls it. Each writes its own shards of the (possibly
+    cross-host-sharded) parameters into one orbax checkpoint (plain zarr, float32), so nothing is
+    gathered onto one host; process 0 writes the JSON files and swaps the new export into place.
+    """
+    import orbax.checkpoint as ocp
+
+    from af_next_jax.convert.orbax_io import (CHUNK_BYTES, CONVERSION_FILE, MODEL_CONFIG_FILE, PARAMS_DIR,
+                                              config_to_dict)
+
+    out = os.path.abspath(os.path.join(workdir, "export"))
+    staging = os.path.abspath(os.path.join(workdir, ".export.partial"))
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    multihost.barrier("af_next_export_staging")
+    params = jax.tree.map(lambda x: x if x.dtype == jnp.float32 else x.astype(jnp.float32), params)
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
+        checkpointer.save(os.path.join(staging, PARAMS_DIR), params, save_args=save_args)
+    multihost.barrier("af_next_export_written")
+    if primary:
+        with open(os.path.join(staging, MODEL_CONFIG_FILE), "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(config_to_dict(model_config), indent=2) + "\n")
+        with open(os.path.join(staging, CONVERSION_FILE), "w", encoding="utf-8") as handle:
+            handle.write(json.dumps({"source": "af_next_jax.train", "workdir": os.path.abspath(workdir),
+                                     "processes": jax.process_count()}, indent=2) + "\n")
+        old = f"{out}.old-{os.getpid()}"
+        if os.path.exists(out):
+            os.rename(out, old)
+        os.rename(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    multihost.barrier("af_next_export_done")
     logger.info("exported parameters to %s", out)
     return out

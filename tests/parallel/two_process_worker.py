@@ -59,11 +59,12 @@ def main(port, process_id, out_path):
     from jax.sharding import NamedSharding
 
     from af_next_jax.parallel import MeshConfig, make_mesh
+    from af_next_jax.train import launch
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # Peers are found through the coordinator address: process 0 serves it, both connect to it.
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                               initialization_timeout=60)
+    # The trainer's explicit launch (--coordinator/--num-processes/--process-id): gloo collectives on
+    # CPU, then jax.distributed; peers find each other through process 0's coordinator address.
+    joined = launch.initialize(f"127.0.0.1:{port}", 2, process_id, initialization_timeout=60)
+    assert (joined.cluster, joined.num_processes, joined.process_id) == ("explicit", 2, process_id)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     # Ulysses inside a process ("node"), the ring across the two processes (a DCN axis).
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, ulysses=4, dcn_ring=2))
@@ -76,7 +77,7 @@ def main(port, process_id, out_path):
     loss, grads = multihost_utils.process_allgather((loss, grads), tiled=True)
     if process_id == 0:
         np.savez(out_path, loss=np.asarray(loss), **{k: np.asarray(v) for k, v in grads.items()})
-    jax.distributed.shutdown()
+    launch.shutdown()
 
 
 if __name__ == "__main__":

@@ -129,15 +129,8 @@ def test_analytic_forward_flops_of_each_part_match_the_compiled_matmuls(tiny_unr
         assert analytic[part].forward == pytest.approx(measured, rel=RELATIVE_TOLERANCE), part
 
 
-# flops.py counts the input gradient of the projector's first matmul whenever the projector is
-# trained, but with the encoder frozen nothing needs it (as for conv1): +0.46% in stage `projector`.
-PROJECTOR_STAGE_OVERCOUNT = pytest.mark.xfail(strict=True, reason="flops.py counts linear_1's input gradient "
-                                              "when nothing upstream of the projector is trained")
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
-@pytest.mark.parametrize("stage", [pytest.param(s, marks=PROJECTOR_STAGE_OVERCOUNT) if s == "projector" else s
-                                   for s in STAGES])
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_analytic_training_flops_match_the_compiled_training_step(tiny_unrolled, compiled_train_steps, stage,
                                                                    causal):
     config, _, batch, _ = tiny_unrolled

@@ -45,11 +45,23 @@ def _steps_done(workdir: str) -> int:
         return 0
 
 
-def _run_until(command, env, workdir: str, step: int, sig: int, timeout: float = 240) -> int:
-    """Start the run, send `sig` once `step` steps are logged, return the exit code."""
+def _finished_checkpoints(workdir: str) -> list[int]:
+    """Steps whose save completed (orbax renames its temporary folder to the step number at the end)."""
+    try:
+        return sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+    except FileNotFoundError:
+        return []
+
+
+def _run_until(command, env, workdir: str, step: int, sig: int, timeout: float = 240,
+               finished_checkpoint: int | None = None) -> int:
+    """Start the run, send `sig` once `step` steps are logged (and the save of `finished_checkpoint`
+    has completed: saves are asynchronous), return the exit code."""
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
-    while _steps_done(workdir) < step and process.poll() is None and time.time() < deadline:
+    while process.poll() is None and time.time() < deadline and (
+            _steps_done(workdir) < step or
+            (finished_checkpoint is not None and finished_checkpoint not in _finished_checkpoints(workdir))):
         time.sleep(0.1)
     if process.poll() is None:
         process.send_signal(sig)
@@ -62,7 +74,8 @@ def runs(demo_data, tmp_path_factory):
     env = _environment(str(root / "compilation_cache"))
     reference, interrupted = str(root / "reference"), str(root / "interrupted")
     subprocess.run(_command(reference, demo_data), cwd=REPO, env=env, check=True, capture_output=True)
-    killed_rc = _run_until(_command(interrupted, demo_data), env, interrupted, 4, signal.SIGKILL)
+    killed_rc = _run_until(_command(interrupted, demo_data), env, interrupted, 4, signal.SIGKILL,
+                           finished_checkpoint=3)
     steps_at_kill = _steps_done(interrupted)
     checkpoints_at_kill = sorted(os.listdir(os.path.join(interrupted, "checkpoints")))
     terminated_rc = _run_until(_command(interrupted, demo_data), env, interrupted, steps_at_kill + 2, signal.SIGTERM)
@@ -82,6 +95,16 @@ def test_sigkilled_and_resumed_run_has_a_bit_identical_loss_curve(runs):
     assert sorted(reference) == sorted(resumed) == list(range(1, TOTAL_STEPS + 1))
     assert [reference[s]["loss"] for s in reference] == [resumed[s]["loss"] for s in reference]
     assert [reference[s]["grad_norm"] for s in reference] == [resumed[s]["grad_norm"] for s in reference]
+
+
+def test_the_killed_run_resumes_from_its_newest_finished_checkpoint(runs):
+    """What the SIGKILL left on disk: finished steps (multiples of checkpoint_every, none past the
+    last logged step) and perhaps an unfinished save (orbax's temporary folder), which is ignored."""
+    finished = sorted(int(name) for name in runs["checkpoints_at_kill"] if name.isdigit())
+    assert 3 in finished and all(step % 3 == 0 and step <= runs["steps_at_kill"] for step in finished)
+    assert all(name.isdigit() or ".orbax-checkpoint-tmp" in name for name in runs["checkpoints_at_kill"])
+    checkpoints = os.path.join(runs["interrupted"], "checkpoints")
+    assert f"resumed from {checkpoints} at step {finished[-1]}" in runs["preempted_log"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(runs):
