@@ -146,50 +146,66 @@ sequence, divided by the sequence-parallel degree. Unchunked float32 logits ({co
 
 ## Multi-host launch
 
-Every process runs the same program; `jax.distributed.initialize()` must be called before any other JAX
-call. It connects each process to a coordinator (process 0's address and a port), learns the global
-device list, and then `af_next_jax.parallel.make_mesh(mesh_config)` lays the `dcn_*` axes across hosts
-(slices) and the ICI axes inside a host: `create_hybrid_device_mesh`, grouping devices by TPU slice or,
-on GPUs, by process (one process per node).
+Every process (one per TPU host, one per 8-GPU node) runs the same training command. The trainer
+joins the job before any other JAX call (`af_next_jax/train/launch.py`): it
+detects SLURM, Cloud TPU / GKE and Open MPI by itself, takes `--coordinator HOST:PORT
+--num-processes N --process-id I` anywhere else, and stays a single process when it finds neither.
+`af_next_jax.parallel.make_mesh(mesh_config)` then lays the `dcn_*` axes across hosts (slices) and
+the ICI axes inside a host: `create_hybrid_device_mesh`, grouping devices by TPU slice or, on GPUs,
+by process (one process per node). Each process reads its own rows of every batch, so keep `ring`
+and `ulysses` inside a host and put `dcn_fsdp` / `dcn_data` across hosts (a mesh that splits rows
+across processes is refused at start-up). The workdir must be a filesystem that every host mounts.
 
 ### SLURM (GPU nodes)
 
+Stage 3 on 16 nodes x 8 H100 (`:h100`: FSDP inside a node, data parallel across the 16 nodes):
+
 ```bash
-#SBATCH --nodes=8 --ntasks-per-node=1 --gpus-per-node=8 --exclusive
-srun python -m af_next_jax.train --config=experiments/af_next_128k.py \\
-    --config.mesh.ulysses=4 --config.mesh.ring=2 --config.mesh.dcn_fsdp=8
+#SBATCH --nodes=16 --ntasks-per-node=1 --gpus-per-node=8 --exclusive
+srun python -m af_next_jax.train --config experiments/af_next_stage3_full.py:h100 --workdir /shared/af_next/stage3_full
 ```
 
-With no arguments, `jax.distributed.initialize()` detects SLURM (jax's `SlurmCluster`: it needs
-`SLURM_JOB_ID`, `SLURM_STEP_NODELIST`, `SLURM_NTASKS`, `SLURM_PROCID`, `SLURM_LOCALID`): the coordinator is
-the first host of the step's node list, on a port derived from the job id (in 61440-65535, or
-`coordinator_port=`), `num_processes` = `SLURM_NTASKS`, `process_id` = `SLURM_PROCID`; with one task
-per node each process drives its 8 local GPUs. Outside SLURM pass them explicitly:
-`jax.distributed.initialize(coordinator_address="node0:1234", num_processes=8, process_id=rank)` (the
-two-process test in `tests/parallel/test_two_processes.py` does exactly this on 127.0.0.1).
-Entry point and config names above are the trainer's (its own issue). Enable XLA's latency-hiding
-scheduler on GPU so ring transfers overlap compute.
+No launch flags: jax's SLURM detection reads `SLURM_JOB_ID`, `SLURM_STEP_NODELIST`, `SLURM_NTASKS`,
+`SLURM_PROCID`, `SLURM_LOCALID`; the coordinator is the first host of the step's node list on port
+61440 + job id % 4096 (`JAX_COORDINATOR_PORT` overrides it), `num_processes` = `SLURM_NTASKS`,
+`process_id` = `SLURM_PROCID`. With one task per node each process drives all 8 GPUs of its node
+(jax's own rule, one GPU per task, applies only with several tasks per node).
+`tests/train/test_multihost.py` launches two CPU processes with exactly these variables and no flags.
+Enable XLA's latency-hiding scheduler on GPU so collectives overlap compute.
 
 ### GKE / XPK (TPU)
 
+Stage 3 on one v5p-256 slice (`:tpu_v5p`: FSDP over the whole slice):
+
 ```bash
-xpk workload create --cluster CLUSTER --tpu-type v5p-128 --num-slices 1 \\
-    --command "python -m af_next_jax.train --config=experiments/af_next_128k.py"
+xpk workload create --cluster CLUSTER --workload af-next-stage3 --tpu-type v5p-256 --num-slices 1 \\
+    --command "python -m af_next_jax.train --config experiments/af_next_stage3_full.py:tpu_v5p --workdir /gcs/af_next/stage3_full"
 ```
 
-On Cloud TPU VMs `jax.distributed.initialize()` needs no arguments (jax's TPU cluster detection):
-the coordinator is `MEGASCALE_COORDINATOR_ADDRESS` when set (Multislice; XPK and JobSet set it to
-process 0's host), else the first worker of the slice's list (`TPU_PROCESS_ADDRESSES` or
-`TPU_WORKER_HOSTNAMES`, else the TPU metadata server), and each host's id is `TPU_WORKER_ID` (or
-metadata). With several slices (`--num-slices N`) devices carry a `slice_index`; set the `dcn_*`
-sizes of `MeshConfig` to multiply to N (e.g. `dcn_fsdp=N`) so only data-parallel traffic crosses the
-data-centre network.
+On Cloud TPU VMs no launch flags are needed either (jax's TPU cluster detection): the coordinator is
+`MEGASCALE_COORDINATOR_ADDRESS` when set (Multislice; XPK and JobSet set it to process 0's host),
+else the first worker of the slice's list (`TPU_PROCESS_ADDRESSES` or `TPU_WORKER_HOSTNAMES`, else
+the TPU metadata server), and each host's id is `TPU_WORKER_ID` (or metadata). With several slices
+(`--num-slices N`) devices carry a `slice_index`; set the `dcn_*` sizes of `MeshConfig` to multiply
+to N (e.g. `--config.mesh.dcn_fsdp=N`) so only data-parallel traffic crosses the data-centre network.
+
+### Anywhere else, and two local processes
+
+```bash
+python -m af_next_jax.train --config experiments/af_next_stage3_full.py:h100 --workdir /shared/af_next/stage3_full --coordinator node0:12355 --num-processes 16 --process-id 0
+```
+
+on every host with its own `--process-id` (or `AF_NEXT_COORDINATOR`, `AF_NEXT_NUM_PROCESSES`,
+`AF_NEXT_PROCESS_ID`). docs/TRAINING.md ("Several processes") shows two processes on one CPU machine
+(gloo collectives), the commands `tests/train/test_multihost_faults.py` runs.
 
 ### Checks before a long run
 
-- `validate_sequence_parallel(mesh_config, ...)` with the real head counts, length and batch (the
-  trainer should call it at start-up; it names the numbers and valid alternatives).
-- `python -m pytest tests/parallel` on CPU, including the two-process `jax.distributed` test.
+- The trainer calls `validate_sequence_parallel` at start-up with the real head counts, length and
+  batch (it names the numbers and valid alternatives), and refuses a mesh that splits rows across
+  processes.
+- `python -m pytest tests/parallel tests/train/test_multihost.py` on CPU: the two-process
+  `jax.distributed` tests (sequence-parallel attention, and the trainer against one process).
 """
 
 
