@@ -8,9 +8,14 @@ Numbers for the 7B presets come from ../shared/REFERENCE.md (Whisper-large-v3 en
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
+# Attention is two independent choices (af_next_jax/attention/platform.py explains both):
+ATTENTION_KERNELS = ("auto", "xla", "pallas")                 # how one device computes its block
+SEQUENCE_PARALLELISM = ("none", "ring", "ulysses", "hybrid")  # how the decoder sequence is split
+# Deprecated: the old single knob that picked both; still read (experiments, converted checkpoints).
 ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", "ring", "ulysses", "hybrid")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -24,6 +29,29 @@ MEL_FRAMES_PER_AUDIO_TOKEN = 4
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def attention_from_legacy(implementation: str) -> tuple[str, str]:
+    """(attention_kernel, sequence_parallelism) that an old `attention_implementation` meant:
+    "xla"/"pallas" chose the kernel without sequence parallelism; "ring"/"ulysses"/"hybrid" the
+    strategy, with Pallas blocks unless on the CPU, which is the kernel "auto"."""
+    _require(implementation in ATTENTION_IMPLEMENTATIONS,
+             f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r} "
+             f"(deprecated: set attention_kernel in {ATTENTION_KERNELS} and sequence_parallelism in "
+             f"{SEQUENCE_PARALLELISM} instead)")
+    if implementation in SEQUENCE_PARALLELISM:
+        return "auto", implementation
+    return implementation, "none"
+
+
+def _warn_legacy_attention(legacy: str, kernel: str, strategy: str) -> None:
+    warnings.warn(f"attention_implementation={legacy!r} is deprecated: read as attention_kernel={kernel!r}, "
+                  f"sequence_parallelism={strategy!r}; set those two instead", DeprecationWarning, stacklevel=4)
+
+
+def legacy_attention_name(kernel: str, sequence_parallelism: str) -> str:
+    """The old one-knob name of a (kernel, strategy) pair, for code that still reads it."""
+    return sequence_parallelism if sequence_parallelism != "none" else kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +174,12 @@ class DecoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The whole AF-Next model plus its numerics (dtype, remat, scan, attention implementation)."""
+    """The whole AF-Next model plus its numerics (dtype, remat, scan, attention kernel and strategy).
+
+    `attention_implementation` is deprecated and derived: after construction it always holds
+    `legacy_attention_name(attention_kernel, sequence_parallelism)`. Given a value that the two new
+    fields do not already say (an old experiment file or checkpoint), it sets them, with a warning.
+    """
 
     encoder: EncoderConfig = EncoderConfig()
     rote: RoteConfig | None = RoteConfig()  # None = Audio Flamingo 3 (no RoTE)
@@ -159,16 +192,16 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     remat_policy: str = "none"
     scan_layers: bool = True
-    attention_implementation: str = "xla"
+    attention_kernel: str = "xla"
+    sequence_parallelism: str = "none"
+    attention_implementation: str | None = None  # deprecated, see the class docstring
 
     def __post_init__(self):
+        self._resolve_legacy_attention()
         _require(self.compute_dtype in COMPUTE_DTYPES,
                  f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         _require(self.remat_policy in REMAT_POLICIES,
                  f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
-        _require(self.attention_implementation in ATTENTION_IMPLEMENTATIONS,
-                 f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                 f"got {self.attention_implementation!r}")
         _require(self.max_windows_per_audio > 0,
                  f"max_windows_per_audio must be positive, got {self.max_windows_per_audio}")
         for name in ("audio_token_id", "audio_bos_token_id", "audio_eos_token_id"):
@@ -187,8 +220,37 @@ class ModelConfig:
     def max_audio_tokens(self) -> int:
         return self.max_windows_per_audio * self.encoder.tokens_per_window
 
+    def _resolve_legacy_attention(self):
+        _require(self.attention_kernel in ATTENTION_KERNELS,
+                 f"attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}")
+        _require(self.sequence_parallelism in SEQUENCE_PARALLELISM,
+                 f"sequence_parallelism must be one of {SEQUENCE_PARALLELISM}, got {self.sequence_parallelism!r}")
+        derived = legacy_attention_name(self.attention_kernel, self.sequence_parallelism)
+        legacy = self.attention_implementation
+        if legacy is not None and legacy != derived:
+            kernel, strategy = attention_from_legacy(legacy)
+            defaults = (ModelConfig.attention_kernel, ModelConfig.sequence_parallelism)
+            _require((self.attention_kernel, self.sequence_parallelism) == defaults,
+                     f"attention_implementation={legacy!r} (deprecated) contradicts attention_kernel="
+                     f"{self.attention_kernel!r}, sequence_parallelism={self.sequence_parallelism!r}; "
+                     f"drop attention_implementation")
+            _warn_legacy_attention(legacy, kernel, strategy)
+            object.__setattr__(self, "attention_kernel", kernel)
+            object.__setattr__(self, "sequence_parallelism", strategy)
+            derived = legacy_attention_name(kernel, strategy)
+        object.__setattr__(self, "attention_implementation", derived)
+
     def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
+        """dataclasses.replace, where the deprecated `attention_implementation` and the two attention
+        fields stay consistent: changing the old knob re-derives both new ones, and vice versa."""
+        legacy = changes.pop("attention_implementation", None)
+        if legacy is not None and not {"attention_kernel", "sequence_parallelism"} & set(changes):
+            kernel, strategy = attention_from_legacy(legacy)
+            _warn_legacy_attention(legacy, kernel, strategy)
+            changes.update(attention_kernel=kernel, sequence_parallelism=strategy)
+            legacy = None
+        # None: derived again from the (new) fields on construction; otherwise checked against them.
+        return dataclasses.replace(self, **changes, attention_implementation=legacy)
 
 
 def tiny(**overrides) -> ModelConfig:

@@ -11,5 +11,5 @@ def get_config(arg=None):
     mesh = {"tpu_v5p": "tpu_v5p_long", "h100": "h100_long"}.get(arg or "tpu_v5p", arg)
     return af_next_7b_stage(stage="full", learning_rate=5e-6, seq_len=65536, windows_per_audio=60,
                             batch_size=16, total_steps=4_000, init_from=f"{RUN_ROOT}/stage4_long_context",
-                            manifests=("captioner/long_captions.jsonl",), mesh=mesh, attention="hybrid",
+                            manifests=("captioner/long_captions.jsonl",), mesh=mesh, sequence_parallelism="hybrid",
                             remat="full")

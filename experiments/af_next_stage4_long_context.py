@@ -12,4 +12,4 @@ def get_config(arg=None):
     return af_next_7b_stage(stage="long_context", learning_rate=5e-6, seq_len=131072, windows_per_audio=60,
                             batch_size=8, total_steps=5_000, init_from=f"{RUN_ROOT}/stage3_full",
                             manifests=("long/long_audio_qa.jsonl", "long/long_captions.jsonl"),
-                            mesh=mesh, attention="hybrid", remat="full")
+                            mesh=mesh, sequence_parallelism="hybrid", remat="full")

@@ -13,7 +13,7 @@ from common import base_config
 def get_config(arg=None):
     del arg
     config = base_config()
-    config.model.update(dict(attention_implementation="hybrid", remat_policy="full"))
+    config.model.update(dict(attention_kernel="auto", sequence_parallelism="hybrid", remat_policy="full"))
     config.stage = "long_context"
     config.data.update(dict(seq_len=1024, batch_size=2, max_windows_per_batch=8))
     config.mesh.update(dict(data=1, fsdp=2, ring=2, ulysses=2))

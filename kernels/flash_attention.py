@@ -1,19 +1,18 @@
-"""Fused (flash) attention: the public entry point, its custom VJP, and the plain-JAX reference.
+"""Fused (flash) attention: the public entry point and its custom VJP (the Pallas kernels' wrapper).
 
-`flash_attention` is what `af_next_jax.model.attention.dot_product_attention(implementation="pallas")`
-calls. Semantics are those of the model's `xla_attention`: query i attends key j iff the causal rule
-allows it (`q_offset + i >= kv_offset + j`) AND `segment_ids_q[i] == segment_ids_kv[j]`; GQA: query head
-h reads KV head h // (H / K).
+`flash_attention` is what `af_next_jax.attention.dispatch.dot_product_attention` runs for the "pallas"
+kernel, and with `flash_attention_backward` what ring and Ulysses run per block
+(af_next_jax/attention/block_kernels.py). Semantics are those of `af_next_jax.attention.reference`:
+query i attends key j iff the causal rule allows it (`q_offset + i >= kv_offset + j`) AND
+`segment_ids_q[i] == segment_ids_kv[j]`; GQA: query head h reads KV head h // (H / K).
 
 Log-sum-exp (for the ring merge): `lse[b, h, i] = log(sum_j exp(sm_scale * q_i . k_j))` over the keys
 query i sees, natural log, float32, shape [B, H, L], so `out_i = sum_j exp(s_ij - lse_i) v_j`.
 Two partial results over disjoint key sets merge exactly as
     lse = logaddexp(lse_a, lse_b);  out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b.
-A query that sees no key at all (every key masked: a padding window of the encoder) gets out = 0 and
-lse = EMPTY_ROW_LSE = -1e30 (finite, so the merge above stays NaN-free and gives such a part weight 0),
-and zero, finite gradients. Note that `xla_attention` instead gives such a row the uniform average
-of all values (its mask value is finite); only fully masked rows differ, and nothing downstream
-reads them.
+A query that sees no key at all (every key masked: a padding window of the encoder) gets out = 0,
+lse = EMPTY_ROW_LSE and zero gradients: the convention of af_next_jax/attention/masking.py, which
+every path (reference, blockwise, ring, Ulysses, both kernels) follows.
 
 Backward: a `custom_vjp` that saves only q, k, v, out and lse (O(N) memory) and recomputes the
 probabilities blockwise; a cotangent on lse (the ring merge differentiates through it) is folded
@@ -21,7 +20,8 @@ into the row term delta = rowsum(out * dout) - dlse.
 
 Backends: Pallas GPU via Triton (`flash_attention_gpu.py`, where the Triton-vs-Mosaic-GPU choice is
 explained) and Pallas TPU via Mosaic (`flash_attention_tpu.py`); on the CPU the GPU kernel runs with
-`interpret=True`, which is how CI tests it.
+`interpret=True`, which is how CI tests it. The backend (`backend=None`) and interpret mode are
+decided for the platform being compiled for (the ambient mesh's devices), not the host's default.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from af_next_jax.attention.platform import target_platform
+from af_next_jax.attention.reference import reference_attention  # noqa: F401  (the kernels' ground truth)
 from af_next_kernels import flash_attention_gpu
-from af_next_kernels.flash_common import (EMPTY_ROW_LSE, KernelConfig, block_segment_ranges,
+from af_next_kernels.flash_common import (EMPTY_ROW_LSE, KernelConfig, block_segment_ranges,  # noqa: F401
                                           next_power_of_2, pad_to_blocks)
 
 # Default (block_q, block_kv) per backend. GPU: 128 x 64 keeps a head_dim-128 fp32 accumulator
@@ -42,47 +44,10 @@ DEFAULT_BLOCKS = {"gpu": (128, 64), "tpu": (512, 512), "interpret": (128, 128)}
 BACKENDS = ("gpu", "tpu", "interpret")
 
 
-def reference_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, *, causal: bool = False,
-                        segment_ids_q_BxL=None, segment_ids_kv_BxS=None, q_offset=0, kv_offset=0,
-                        sm_scale=None):
-    """Plain-JAX attention with the kernel's exact semantics; returns (out [B, L, H, D], lse [B, H, L]).
-
-    Computes in float32, or float64 when given float64 inputs (tests use that as ground truth).
-    Materialises the [L, S] scores: for tests and tiny shapes only.
-    """
-    batch, q_len, num_heads, head_dim = query_BxLxHxD.shape
-    kv_len, num_kv_heads = key_BxSxKxD.shape[1], key_BxSxKxD.shape[2]
-    groups = num_heads // num_kv_heads
-    sm_scale = head_dim ** -0.5 if sm_scale is None else sm_scale
-    dtype = jnp.promote_types(query_BxLxHxD.dtype, jnp.float32)
-    query_BxLxKxGxD = query_BxLxHxD.astype(dtype).reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    scores_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", query_BxLxKxGxD, key_BxSxKxD.astype(dtype),
-                                  precision=jax.lax.Precision.HIGHEST) * sm_scale
-    visible_BxLxS = jnp.ones((1, q_len, kv_len), dtype=bool)
-    if causal:
-        q_pos = q_offset + jnp.arange(q_len)
-        kv_pos = kv_offset + jnp.arange(kv_len)
-        visible_BxLxS = visible_BxLxS & (q_pos[:, None] >= kv_pos[None, :])[None]
-    if segment_ids_q_BxL is not None:
-        visible_BxLxS = visible_BxLxS & (segment_ids_q_BxL[:, :, None] == segment_ids_kv_BxS[:, None, :])
-    visible = visible_BxLxS[:, None, None]
-    # Double `where` so masked entries never produce inf/NaN, in the value or in its gradient.
-    row_max = jax.lax.stop_gradient(jnp.where(visible, scores_BxKxGxLxS, -jnp.inf).max(-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    exp_scores = jnp.where(visible, jnp.exp(jnp.where(visible, scores_BxKxGxLxS, 0.0) - row_max), 0.0)
-    row_sum = exp_scores.sum(-1, keepdims=True)
-    nonempty = row_sum > 0
-    probs = exp_scores / jnp.where(nonempty, row_sum, 1.0)
-    out_BxLxKxGxD = jnp.einsum("bkgls,bskd->blkgd", probs, value_BxSxKxD.astype(dtype),
-                               precision=jax.lax.Precision.HIGHEST)
-    lse_BxKxGxL = jnp.where(nonempty, row_max + jnp.log(jnp.where(nonempty, row_sum, 1.0)),
-                            EMPTY_ROW_LSE)[..., 0]
-    out = out_BxLxKxGxD.reshape(batch, q_len, num_heads, head_dim).astype(query_BxLxHxD.dtype)
-    return out, lse_BxKxGxL.reshape(batch, num_heads, q_len)
-
-
 def _resolve_backend(backend, interpret):
-    platform = jax.default_backend()
+    # The platform compiled for (the ambient mesh's devices), not the host's default backend: a TPU
+    # program traced on a CPU host must get the Mosaic kernel, not the interpreter.
+    platform = target_platform()
     if backend is None:
         backend = "tpu" if platform == "tpu" else "gpu" if platform == "gpu" else "interpret"
     if backend not in BACKENDS:

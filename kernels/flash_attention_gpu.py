@@ -31,9 +31,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from af_next_kernels.flash_common import (MASK_SCORE, EMPTY_ROW_LSE, KernelConfig, causal_kv_block_end,
-                                          causal_q_block_start, dot_precision, matmul,
-                                          segment_ranges_overlap, visible_mask)
+from af_next_kernels.flash_common import (MASK_SCORE, KernelConfig, causal_kv_block_end, causal_q_block_start,
+                                          dot_precision, finish_softmax, matmul, online_softmax_update,
+                                          poisoned_outputs, recomputed_probs, segment_ranges_overlap,
+                                          visible_mask)
 
 
 def _compiler_params(cfg: KernelConfig, head_dim: int):
@@ -43,23 +44,13 @@ def _compiler_params(cfg: KernelConfig, head_dim: int):
 
 
 def _call(kernel, cfg, grid, in_specs, inputs, out_specs, out_shapes, head_dim, name):
-    """pallas_call with optional NaN-poisoned outputs (extra aliased inputs the kernel ignores)."""
     aliases = {}
     if cfg.poison_outputs:
-        first = len(inputs)
-        inputs = list(inputs) + [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes]
-        in_specs = list(in_specs) + list(out_specs)
-        aliases = {first + i: i for i in range(len(out_shapes))}
-        kernel = functools.partial(_drop_poison_refs, kernel, len(out_shapes))
+        kernel, inputs, in_specs, aliases = poisoned_outputs(kernel, inputs, in_specs, out_specs, out_shapes)
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
         input_output_aliases=aliases, interpret=cfg.interpret,
         compiler_params=_compiler_params(cfg, head_dim), name=name)(*inputs)
-
-
-def _drop_poison_refs(kernel, num_outputs, *refs):
-    # refs: the real inputs, the poison buffers (aliased to the outputs, never read), the outputs.
-    return kernel(*refs[:-2 * num_outputs], *refs[-num_outputs:])
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -85,16 +76,8 @@ def _forward_kernel(shift_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_kv_ref, q_min
                             block_kv, kv_padded)
         if mask is not None:
             scores_QxK = jnp.where(mask, scores_QxK, MASK_SCORE)
-        new_max_Q = jnp.maximum(max_Q, scores_QxK.max(axis=1))
-        # While a row has seen only masked scores its max is MASK_SCORE and these are exp(0) = 1:
-        # harmless, the first visible score rescales them by exp(MASK_SCORE - real) = 0, and a row
-        # that never sees one is detected by its max at the end.
-        probs_QxK = jnp.exp(scores_QxK - new_max_Q[:, None])
-        rescale_Q = jnp.exp(max_Q - new_max_Q)
-        sum_Q = sum_Q * rescale_Q + probs_QxK.sum(axis=1)
-        acc_QxD = acc_QxD * rescale_Q[:, None] + matmul(probs_QxK.astype(value_KxD.dtype), value_KxD,
-                                                        1, 0, precision)
-        return new_max_Q, sum_Q, acc_QxD
+        return online_softmax_update(max_Q, sum_Q, acc_QxD, scores_QxK, lambda probs_QxK: matmul(
+            probs_QxK.astype(value_KxD.dtype), value_KxD, 1, 0, precision))
 
     def body(kv_block, carry):
         if not cfg.has_segments:
@@ -109,10 +92,9 @@ def _forward_kernel(shift_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_kv_ref, q_min
     init = (jnp.full((block_q,), MASK_SCORE, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros((block_q, head_dim), jnp.float32))
     max_Q, sum_Q, acc_QxD = jax.lax.fori_loop(0, end, body, init)
-    empty_Q = max_Q <= MASK_SCORE
-    safe_sum_Q = jnp.where(empty_Q, 1.0, sum_Q)
-    out_ref[...] = jnp.where(empty_Q[:, None], 0.0, acc_QxD / safe_sum_Q[:, None]).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(empty_Q, EMPTY_ROW_LSE, max_Q + jnp.log(safe_sum_Q))
+    scale_Q, lse_Q = finish_softmax(max_Q, sum_Q)
+    out_ref[...] = (acc_QxD * scale_Q[:, None]).astype(out_ref.dtype)
+    lse_ref[...] = lse_Q
 
 
 def forward(query_BxHxLxD, key_BxKxSxD, value_BxKxSxD, seg_q_BxL, seg_kv_BxS, q_ranges, kv_ranges,
@@ -150,38 +132,22 @@ def forward(query_BxHxLxD, key_BxKxSxD, value_BxKxSxD, seg_q_BxL, seg_kv_BxS, q_
 
 # ---------------------------------------------------------------------------------------- backward
 
-def _probs(cfg, causal_shift, query_QxD, key_KxD, lse_Q, q_start, kv_start, seg_q_Qx1, seg_kv_1xK,
-           kv_padded, precision):
-    """Recomputed softmax probabilities of one block pair from the saved lse (masked entries 0)."""
-    scores_QxK = matmul(query_QxD, key_KxD, 1, 1, precision) * cfg.sm_scale
-    probs_QxK = jnp.exp(scores_QxK - lse_Q[:, None])
-    mask = visible_mask(cfg, causal_shift, q_start, kv_start, seg_q_Qx1, seg_kv_1xK, query_QxD.shape[0],
-                        key_KxD.shape[0], kv_padded)
-    return probs_QxK if mask is None else jnp.where(mask, probs_QxK, 0.0)
-
-
-def _backward_lse(lse_Q):
-    # Rows that saw no key (lse == EMPTY_ROW_LSE) must give p = 0 everywhere: +inf makes exp(s - lse) 0.
-    return jnp.where(lse_Q <= 0.5 * EMPTY_ROW_LSE, jnp.inf, lse_Q)
-
-
 def _dq_kernel(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref, seg_kv_ref,
                q_min_ref, q_max_ref, kv_min_ref, kv_max_ref, dq_ref, *, cfg, num_kv_blocks, kv_padded):
     block_q, block_kv = cfg.block_q, cfg.block_kv
     q_block = pl.program_id(2)
     causal_shift = shift_ref[0]
     query_QxD, dout_QxD = q_ref[...], do_ref[...]
-    lse_Q, delta_Q = _backward_lse(lse_ref[...]), delta_ref[...]
+    lse_Q, delta_Q = lse_ref[...], delta_ref[...]
     precision = dot_precision(query_QxD.dtype)
     seg_q_Qx1 = seg_q_ref[...][:, None] if cfg.has_segments else None
 
     def visit(kv_block, dq_QxD):
         kv_slice = pl.ds(kv_block * block_kv, block_kv)
         key_KxD, value_KxD = k_ref[kv_slice, :], v_ref[kv_slice, :]
-        probs_QxK = _probs(cfg, causal_shift, query_QxD, key_KxD, lse_Q, q_block * block_q,
-                           kv_block * block_kv, seg_q_Qx1,
-                           seg_kv_ref[kv_slice][None, :] if cfg.has_segments else None, kv_padded,
-                           precision)
+        probs_QxK = recomputed_probs(cfg, causal_shift, query_QxD, key_KxD, lse_Q, q_block * block_q,
+                                     kv_block * block_kv, seg_q_Qx1,
+                                     seg_kv_ref[kv_slice][None, :] if cfg.has_segments else None, kv_padded)
         dprobs_QxK = matmul(dout_QxD, value_KxD, 1, 1, precision)
         dscores_QxK = probs_QxK * (dprobs_QxK - delta_Q[:, None])
         return dq_QxD + matmul(dscores_QxK.astype(key_KxD.dtype), key_KxD, 1, 0, precision)
@@ -214,10 +180,10 @@ def _dkv_kernel(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_
         dk_KxD, dv_KxD = carry
         q_slice = pl.ds(q_block * block_q, block_q)
         query_QxD, dout_QxD = q_ref[group, q_slice, :], do_ref[group, q_slice, :]
-        lse_Q, delta_Q = _backward_lse(lse_ref[group, q_slice]), delta_ref[group, q_slice]
-        probs_QxK = _probs(cfg, causal_shift, query_QxD, key_KxD, lse_Q, q_block * block_q,
-                           kv_block * block_kv, seg_q_ref[q_slice][:, None] if cfg.has_segments else None,
-                           seg_kv_1xK, kv_padded, precision)
+        lse_Q, delta_Q = lse_ref[group, q_slice], delta_ref[group, q_slice]
+        probs_QxK = recomputed_probs(cfg, causal_shift, query_QxD, key_KxD, lse_Q, q_block * block_q,
+                                     kv_block * block_kv, seg_q_ref[q_slice][:, None] if cfg.has_segments else None,
+                                     seg_kv_1xK, kv_padded)
         dv_KxD = dv_KxD + matmul(probs_QxK.astype(dout_QxD.dtype), dout_QxD, 0, 0, precision)
         dprobs_QxK = matmul(dout_QxD, value_KxD, 1, 1, precision)
         dscores_QxK = probs_QxK * (dprobs_QxK - delta_Q[:, None])

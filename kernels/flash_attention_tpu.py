@@ -23,24 +23,20 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from af_next_kernels.flash_common import (EMPTY_ROW_LSE, MASK_SCORE, KernelConfig, causal_kv_block_end,
-                                          causal_q_block_start, dot_precision, matmul,
-                                          segment_ranges_overlap, visible_mask)
+from af_next_kernels.flash_common import (MASK_SCORE, KernelConfig, causal_kv_block_end, causal_q_block_start,
+                                          dot_precision, finish_softmax, matmul, online_softmax_update,
+                                          poisoned_outputs, recomputed_probs, segment_ranges_overlap,
+                                          visible_mask)
 
 NUM_SCALARS = 5  # causal shift, q block min/max segment id, kv block min/max segment id
 
 
 def _call(kernel, cfg, grid, in_specs, inputs, out_specs, out_shapes, scratch, semantics, scalars, name):
-    """pallas_call with scalar prefetch and optional NaN-poisoned outputs (aliased, never read)."""
+    """pallas_call with scalar prefetch (and the shared NaN-poisoned outputs testing aid)."""
     aliases = {}
-    num_outputs = len(out_shapes)
     if cfg.poison_outputs:
-        first = len(scalars) + len(inputs)
-        inputs = list(inputs) + [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes]
-        in_specs = list(in_specs) + list(out_specs)
-        aliases = {first + n: n for n in range(num_outputs)}
-        kernel = functools.partial(_drop_poison_refs, kernel, len(scalars) + len(inputs) - num_outputs,
-                                   num_outputs)
+        kernel, inputs, in_specs, aliases = poisoned_outputs(kernel, inputs, in_specs, out_specs, out_shapes,
+                                                             num_leading_refs=len(scalars))
     grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(scalars), grid=grid,
                                              in_specs=in_specs, out_specs=out_specs,
                                              scratch_shapes=scratch)
@@ -48,10 +44,6 @@ def _call(kernel, cfg, grid, in_specs, inputs, out_specs, out_shapes, scratch, s
         kernel, grid_spec=grid_spec, out_shape=out_shapes, input_output_aliases=aliases,
         interpret=cfg.interpret, name=name,
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))(*scalars, *inputs)
-
-
-def _drop_poison_refs(kernel, num_inputs, num_outputs, *refs):
-    return kernel(*refs[:num_inputs], *refs[num_inputs + num_outputs:])
 
 
 def _column(x_BxHxL):
@@ -85,17 +77,6 @@ def _visible_q_block(cfg, shift_ref, kv_block, q_block, num_q_blocks):
     return jnp.maximum(q_block, jnp.minimum(start, num_q_blocks - 1))
 
 
-def _probs(cfg, shift_ref, query_QxD, key_KxD, lse_Qx1, q_start, kv_start, seg_q_Qx1, seg_kv_1xK, kv_padded):
-    precision = dot_precision(query_QxD.dtype)
-    scores_QxK = matmul(query_QxD, key_KxD, 1, 1, precision) * cfg.sm_scale
-    # Rows that saw no key (lse == EMPTY_ROW_LSE) must give p = 0: +inf makes exp(s - lse) 0.
-    lse_Qx1 = jnp.where(lse_Qx1 <= 0.5 * EMPTY_ROW_LSE, jnp.inf, lse_Qx1)
-    probs_QxK = jnp.exp(scores_QxK - lse_Qx1)
-    mask = visible_mask(cfg, shift_ref[0], q_start, kv_start, seg_q_Qx1, seg_kv_1xK, query_QxD.shape[0],
-                        key_KxD.shape[0], kv_padded)
-    return probs_QxK if mask is None else jnp.where(mask, probs_QxK, 0.0)
-
-
 # ----------------------------------------------------------------------------------------- forward
 
 def _forward_kernel(shift_ref, q_min_ref, q_max_ref, kv_min_ref, kv_max_ref, q_ref, k_ref, v_ref,
@@ -119,22 +100,16 @@ def _forward_kernel(shift_ref, q_min_ref, q_max_ref, kv_min_ref, kv_max_ref, q_r
                             seg_q_ref[...], seg_kv_ref[...], cfg.block_q, cfg.block_kv, kv_padded)
         if mask is not None:
             scores_QxK = jnp.where(mask, scores_QxK, MASK_SCORE)
-        max_Qx1 = max_ref[...]
-        new_max_Qx1 = jnp.maximum(max_Qx1, scores_QxK.max(axis=1, keepdims=True))
-        probs_QxK = jnp.exp(scores_QxK - new_max_Qx1)  # all-masked-so-far rows: see the GPU kernel
-        rescale_Qx1 = jnp.exp(max_Qx1 - new_max_Qx1)
-        sum_ref[...] = sum_ref[...] * rescale_Qx1 + probs_QxK.sum(axis=1, keepdims=True)
-        acc_ref[...] = acc_ref[...] * rescale_Qx1 + matmul(probs_QxK.astype(value_KxD.dtype), value_KxD,
-                                                           1, 0, precision)
-        max_ref[...] = new_max_Qx1
+        max_ref[...], sum_ref[...], acc_ref[...] = online_softmax_update(
+            max_ref[...], sum_ref[...], acc_ref[...], scores_QxK,
+            lambda probs_QxK: matmul(probs_QxK.astype(value_KxD.dtype), value_KxD, 1, 0, precision),
+            rows_as_columns=True)
 
     @pl.when(kv_block == num_kv_blocks - 1)
     def _finish():
-        max_Qx1, sum_Qx1 = max_ref[...], sum_ref[...]
-        empty_Qx1 = max_Qx1 <= MASK_SCORE
-        safe_sum_Qx1 = jnp.where(empty_Qx1, 1.0, sum_Qx1)
-        out_ref[...] = jnp.where(empty_Qx1, 0.0, acc_ref[...] / safe_sum_Qx1).astype(out_ref.dtype)
-        lse_ref[...] = jnp.where(empty_Qx1, EMPTY_ROW_LSE, max_Qx1 + jnp.log(safe_sum_Qx1))
+        scale_Qx1, lse_Qx1 = finish_softmax(max_ref[...], sum_ref[...])
+        out_ref[...] = (acc_ref[...] * scale_Qx1).astype(out_ref.dtype)
+        lse_ref[...] = lse_Qx1
 
 
 def forward(query_BxHxLxD, key_BxKxSxD, value_BxKxSxD, seg_q_BxL, seg_kv_BxS, q_ranges, kv_ranges,
@@ -188,8 +163,8 @@ def _dq_kernel(shift_ref, q_min_ref, q_max_ref, kv_min_ref, kv_max_ref, q_ref, k
     def _visit():
         key_KxD, value_KxD, dout_QxD = k_ref[...], v_ref[...], do_ref[...]
         precision = dot_precision(key_KxD.dtype)
-        probs_QxK = _probs(cfg, shift_ref, q_ref[...], key_KxD, lse_ref[...], q_block * cfg.block_q,
-                           kv_block * cfg.block_kv, seg_q_ref[...], seg_kv_ref[...], kv_padded)
+        probs_QxK = recomputed_probs(cfg, shift_ref[0], q_ref[...], key_KxD, lse_ref[...], q_block * cfg.block_q,
+                                     kv_block * cfg.block_kv, seg_q_ref[...], seg_kv_ref[...], kv_padded)
         dprobs_QxK = matmul(dout_QxD, value_KxD, 1, 1, precision)
         dscores_QxK = probs_QxK * (dprobs_QxK - delta_ref[...])
         dq_acc_ref[...] += matmul(dscores_QxK.astype(key_KxD.dtype), key_KxD, 1, 0, precision)
@@ -214,8 +189,8 @@ def _dkv_kernel(shift_ref, q_min_ref, q_max_ref, kv_min_ref, kv_max_ref, q_ref, 
     def _visit():
         query_QxD, value_KxD, dout_QxD = q_ref[...], v_ref[...], do_ref[...]
         precision = dot_precision(query_QxD.dtype)
-        probs_QxK = _probs(cfg, shift_ref, query_QxD, k_ref[...], lse_ref[...], q_block * cfg.block_q,
-                           kv_block * cfg.block_kv, seg_q_ref[...], seg_kv_ref[...], kv_padded)
+        probs_QxK = recomputed_probs(cfg, shift_ref[0], query_QxD, k_ref[...], lse_ref[...], q_block * cfg.block_q,
+                                     kv_block * cfg.block_kv, seg_q_ref[...], seg_kv_ref[...], kv_padded)
         dv_acc_ref[...] += matmul(probs_QxK.astype(dout_QxD.dtype), dout_QxD, 0, 0, precision)
         dprobs_QxK = matmul(dout_QxD, value_KxD, 1, 1, precision)
         dscores_QxK = probs_QxK * (dprobs_QxK - delta_ref[...])

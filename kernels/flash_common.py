@@ -11,17 +11,15 @@ mask iff `causal_shift + i >= j`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
-# A query row that sees no key at all (a padding window of the encoder) gets output 0 and this lse.
-# Finite on purpose: a ring merge `logaddexp(lse_a, lse_b)` and the weights `exp(lse_a - lse)` stay
-# finite (logaddexp(-1e30, x) == x; two empty rows merge to -1e30), where -inf would give NaN.
-EMPTY_ROW_LSE = -1e30
-# Score given to masked entries inside the kernels; equal to EMPTY_ROW_LSE so a row whose running
-# max is still MASK_SCORE after the last key block is exactly the empty row.
-MASK_SCORE = -1e30
+# The masking convention (fully masked rows: out 0, lse EMPTY_ROW_LSE) and the online-softmax update
+# are af_next_jax/attention/masking.py's, shared with the plain-JAX paths; re-exported for the kernels.
+from af_next_jax.attention.masking import (EMPTY_ROW_LSE, MASK_SCORE, backward_lse, finish_softmax,  # noqa: F401
+                                           online_softmax_update)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +105,32 @@ def matmul(a, b, contract_a: int, contract_b: int, precision):
     """2-D matmul contracting a's axis `contract_a` with b's axis `contract_b`, float32 result."""
     return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
                                precision=precision, preferred_element_type=jnp.float32)
+
+
+def poisoned_outputs(kernel, inputs, in_specs, out_specs, out_shapes, num_leading_refs: int = 0):
+    """Testing aid shared by both kernels: extra NaN-filled inputs aliased to the outputs (never read),
+    so a block a kernel skips writing shows up as NaN. Returns (kernel, inputs, in_specs, aliases).
+    `num_leading_refs`: refs before the inputs (the TPU kernels' scalar-prefetch refs)."""
+    num_outputs = len(out_shapes)
+    first = num_leading_refs + len(inputs)
+    inputs = list(inputs) + [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes]
+    in_specs = list(in_specs) + list(out_specs)
+    aliases = {first + n: n for n in range(num_outputs)}
+    return functools.partial(_drop_poison_refs, kernel, first, num_outputs), inputs, in_specs, aliases
+
+
+def _drop_poison_refs(kernel, num_inputs, num_outputs, *refs):
+    # refs: the real inputs, the poison buffers (aliased to the outputs, never read), the outputs.
+    return kernel(*refs[:num_inputs], *refs[num_inputs + num_outputs:])
+
+
+def recomputed_probs(cfg: KernelConfig, causal_shift, query_QxD, key_KxD, lse_R, q_start, kv_start, seg_q_Qx1,
+                     seg_kv_1xK, kv_padded: bool):
+    """Softmax probabilities of one block pair recomputed from the saved lse (masked entries 0);
+    `lse_R` is [Q] (GPU) or [Q, 1] (TPU columns). Empty rows get 0 (masking.backward_lse)."""
+    scores_QxK = matmul(query_QxD, key_KxD, 1, 1, dot_precision(query_QxD.dtype)) * cfg.sm_scale
+    lse_Qx1 = backward_lse(lse_R if lse_R.ndim == 2 else lse_R[:, None])
+    probs_QxK = jnp.exp(scores_QxK - lse_Qx1)
+    mask = visible_mask(cfg, causal_shift, q_start, kv_start, seg_q_Qx1, seg_kv_1xK, query_QxD.shape[0],
+                        key_KxD.shape[0], kv_padded)
+    return probs_QxK if mask is None else jnp.where(mask, probs_QxK, 0.0)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from af_next_jax.attention.platform import AttentionChoice
 from af_next_jax.config import ModelConfig
 from af_next_jax.model import axes
 from af_next_jax.model.decoder import Decoder
@@ -20,7 +21,7 @@ from af_next_jax.model.rote import apply_rotary_time_embedding
 
 # Parameters that are fixed tables in the checkpoint and must never be updated by an optimizer.
 FROZEN_PARAMETERS = (("encoder", "embed_positions"),)
-# Sequence-parallel implementations whose causal load balancing permutes the decoder sequence.
+# Sequence-parallel strategies whose causal load balancing permutes the decoder sequence.
 LOAD_BALANCED_IMPLEMENTATIONS = ("ring", "hybrid")
 
 
@@ -48,12 +49,13 @@ class AFNextModel(nn.Module):
     def setup(self):
         config = self.config
         dtype = jnp.dtype(config.compute_dtype)
-        # The encoder's windows are short (1500): it is parallelised over windows, never over sequence.
-        encoder_attention = "pallas" if config.attention_implementation == "pallas" else "xla"
-        self.encoder = AudioEncoder(config.encoder, dtype, config.remat_policy, config.scan_layers, encoder_attention)
+        # The encoder's windows are short (1500): it is parallelised over windows, never over sequence,
+        # and runs the configured kernel whatever the decoder's sequence-parallel strategy.
+        self.encoder = AudioEncoder(config.encoder, dtype, config.remat_policy, config.scan_layers,
+                                    config.attention_kernel)
         self.projector = Projector(config.projector, config.decoder.hidden_size, dtype)
         self.decoder = Decoder(config.decoder, dtype, config.remat_policy, config.scan_layers,
-                               config.attention_implementation)
+                               AttentionChoice(config.attention_kernel, config.sequence_parallelism))
 
     def encode_audio_windows(self, mel_windows_NxMxT, mel_valid_frames_N, window_index_N):
         """Log-mel windows -> projected audio embeddings [N, T, decoder width] and their valid mask."""
@@ -76,7 +78,7 @@ class AFNextModel(nn.Module):
         """Logits [B, L, vocab] (or final hidden states [B, L, D] with `return_hidden`)."""
         embeds_BxLxD = self.embed_audio_and_text(batch)
         positions_BxL, segment_ids_BxL = batch["positions"], batch["segment_ids"]
-        load_balanced = self.config.attention_implementation in LOAD_BALANCED_IMPLEMENTATIONS
+        load_balanced = self.config.sequence_parallelism in LOAD_BALANCED_IMPLEMENTATIONS
         if load_balanced:
             from af_next_jax.parallel.layout import from_load_balanced, to_load_balanced
             embeds_BxLxD, positions_BxL, segment_ids_BxL = (

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from af_next_jax.attention.dispatch import dot_product_attention
 from af_next_jax.config import EncoderConfig, encoder_tokens_for_frames
 from af_next_jax.model import axes
-from af_next_jax.model.attention import dot_product_attention
 from af_next_jax.model.layers import dense, gelu_exact, layer_norm, stack_layers
 
 
@@ -20,7 +20,7 @@ class EncoderLayer(nn.Module):
 
     config: EncoderConfig
     dtype: jnp.dtype
-    attention_implementation: str
+    attention_kernel: str
 
     @nn.compact
     def __call__(self, x_NxTxD, key_valid_NxT):
@@ -39,7 +39,7 @@ class EncoderLayer(nn.Module):
             query_NxTxHxK, key_NxTxHxK, value_NxTxHxK, causal=False,
             segment_ids_q_BxL=jnp.ones_like(key_valid_NxT, dtype=jnp.int32),
             segment_ids_kv_BxS=key_valid_NxT.astype(jnp.int32),
-            implementation=self.attention_implementation)
+            implementation=self.attention_kernel)
         out_NxTxD = dense(config.hidden_size, (axes.AUDIO_HEADS, axes.HEAD_DIM, axes.AUDIO_EMBED), axis=(-2, -1),
                           use_bias=True, name="out_proj", dtype=self.dtype)(attended_NxTxHxK)
         x_NxTxD = axes.constrain(x_NxTxD + out_NxTxD, activation_axes)
@@ -68,7 +68,8 @@ class AudioEncoder(nn.Module):
     dtype: jnp.dtype
     remat_policy: str = "none"
     scan_layers: bool = True
-    attention_implementation: str = "xla"
+    # A kernel (auto | xla | pallas): the windows are parallelised over the mesh, never the sequence.
+    attention_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, mel_NxMxT, mel_valid_frames_N):
@@ -93,7 +94,7 @@ class AudioEncoder(nn.Module):
         key_valid_NxP = jnp.arange(config.max_source_positions)[None, :] < valid_after_conv_N[:, None]
         x_NxPxD, _ = stack_layers(EncoderLayer, num_layers=config.num_layers, remat=self.remat_policy,
                                   scan=self.scan_layers, name="layers", config=config, dtype=self.dtype,
-                                  attention_implementation=self.attention_implementation)(x_NxPxD, key_valid_NxP)
+                                  attention_kernel=self.attention_kernel)(x_NxPxD, key_valid_NxP)
         windows, positions, hidden = x_NxPxD.shape
         x_NxTxD = x_NxPxD.reshape(windows, positions // 2, 2, hidden).mean(axis=2)  # AvgPool1d(2, 2)
         x_NxTxD = layer_norm(epsilon=config.layer_norm_eps, name="layer_norm", dtype=self.dtype,

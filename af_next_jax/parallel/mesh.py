@@ -165,13 +165,13 @@ def validate_sequence_parallel(mesh_config: MeshConfig, *, num_heads: int, num_k
     elif implementation == "ulysses":
         _require(ring == 1, f"implementation 'ulysses' shards the sequence over the ulysses axis only, but the "
                  f"mesh has ring={ring}; use implementation='hybrid', or ulysses={ring * ulysses}, ring=1")
-    elif implementation in ("xla", "pallas"):
-        _require(ring * ulysses == 1, f"implementation {implementation!r} attends over the whole sequence on "
+    elif implementation in ("none", "xla", "pallas", "auto"):  # no sequence parallelism (and old kernel names)
+        _require(ring * ulysses == 1, f"sequence_parallelism {implementation!r} attends over the whole sequence on "
                  f"one device, but the mesh shards it ring={ring} x ulysses={ulysses}; choose one of "
                  f"{SEQUENCE_PARALLEL_IMPLEMENTATIONS} or set ring=ulysses=1")
     elif implementation != "hybrid":
-        raise ValueError(f"unknown attention implementation {implementation!r}; valid: "
-                         f"{('xla', 'pallas') + SEQUENCE_PARALLEL_IMPLEMENTATIONS}")
+        raise ValueError(f"unknown sequence parallelism {implementation!r}; valid: "
+                         f"{('none',) + SEQUENCE_PARALLEL_IMPLEMENTATIONS}")
     _require(num_heads % tensor == 0, f"{num_heads} query heads do not split over tensor={tensor}; valid tensor "
              f"sizes: {[d for d in _divisors(num_heads) if num_kv_heads % d == 0]}")
     _require(num_kv_heads % tensor == 0,

@@ -170,7 +170,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
     validate_sequence_parallel(mesh_config, num_heads=model_config.decoder.num_heads,
                                num_kv_heads=model_config.decoder.num_kv_heads, sequence_length=data.seq_len,
                                batch_size=data.batch_size,
-                               implementation=model_config.attention_implementation)
+                               implementation=model_config.sequence_parallelism)
 
     model = AFNextModel(model_config)
     example = zeros_batch(model_config, batch_size=data.batch_size, seq_len=data.seq_len,

@@ -36,7 +36,7 @@ def test_every_experiment_builds_a_valid_model_stage_and_mesh(spec):
     validate_sequence_parallel(mesh, num_heads=model.decoder.num_heads, num_kv_heads=model.decoder.num_kv_heads,
                                sequence_length=config.data.seq_len,
                                batch_size=config.data.batch_size,
-                               implementation=model.attention_implementation, num_devices=devices)
+                               implementation=model.sequence_parallelism, num_devices=devices)
     if model.decoder.vocab_size > 100_000:  # the 7B stages: window caps and context fit the model
         assert config.data.max_windows_per_audio <= model.max_windows_per_audio
         assert config.data.seq_len <= model.decoder.max_position_embeddings
@@ -46,7 +46,7 @@ def test_every_experiment_builds_a_valid_model_stage_and_mesh(spec):
 def test_long_context_stage_reaches_128k_tokens_and_60_windows_with_hybrid_attention():
     config = load_config(os.path.join(REPO, "experiments", "af_next_stage4_long_context.py:h100"))
     assert (config.data.seq_len, config.data.max_windows_per_audio) == (131072, 60)
-    assert config.model.attention_implementation == "hybrid" and config.stage == "long_context"
+    assert config.model.sequence_parallelism == "hybrid" and config.stage == "long_context"
     sizes = MeshConfig(**config.mesh.to_dict()).axis_sizes(128)
     assert sizes["ulysses"] == 4 and sizes["ring"] == 8  # Ulysses inside a node, ring across nodes
     assert config.init_from.endswith("stage3_full")

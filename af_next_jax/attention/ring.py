@@ -1,5 +1,8 @@
 """Ring attention (Liu et al. 2023) over one mesh axis, for use inside `shard_map`.
 
+Kernel-agnostic: every block forward and backward is the `BlockKernel` it is given
+(block_kernels.py), so with Pallas both directions run the fused kernels.
+
 Each of the R ring ranks holds L/R queries and the matching K/V. At step s rank r attends its queries
 to the K/V block of rank j = (r - s) mod R, merges the result into its running (out, lse), and
 passes the K/V block to rank r + 1 with `ppermute`; XLA overlaps that transfer with the next block's
@@ -7,7 +10,7 @@ compute. The backward (a `custom_vjp`, so nothing but q, k, v, out and lse is sa
 O(L/R)) makes the same tour: dQ accumulates locally while dK/dV accumulators travel with their
 K/V block and arrive home after R hops.
 
-Causal load balancing: tokens arrive in the zigzag layout (layout.py): rank r holds chunks
+Causal load balancing: tokens arrive in the zigzag layout (parallel/layout.py): rank r holds chunks
 (r, 2R-1-r) of C = L/(2R) tokens each, called its early and late half. In original order,
   step 0 (own block): early->early causal, late->early full, late->late causal (3 C x C blocks);
   j < r:  both halves see only j's early half, fully (one 2C x C block);
@@ -24,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from af_next_jax.parallel.block_attention import attention_delta, block_backward, merge_blocks
+from af_next_jax.attention.blockwise import attention_delta, empty_partial, merge_partials
 
 
 def _halves(x, axis=1):
@@ -36,10 +39,10 @@ def _source_is_earlier(rank, step, ring_degree):
     return (rank - step) % ring_degree < rank
 
 
-def _ring_step_forward(block_forward_fn, step, rank, ring_degree, causal, query, key, value, seg_q, seg_kv):
+def _ring_step_forward(block_kernel, step, rank, ring_degree, causal, query, key, value, seg_q, seg_kv):
     """(out [B, L, H, D], lse [B, H, L]) of local queries against the K/V block held at `step`."""
     def full(q, k, v, sq, skv, is_causal=False):
-        return block_forward_fn(q, k, v, causal=is_causal, segment_ids_q_BxL=sq, segment_ids_kv_BxS=skv)
+        return block_kernel.forward(q, k, v, causal=is_causal, segment_ids_q_BxL=sq, segment_ids_kv_BxS=skv)
 
     if not causal:
         return full(query, key, value, seg_q, seg_kv)
@@ -50,7 +53,7 @@ def _ring_step_forward(block_forward_fn, step, rank, ring_degree, causal, query,
     skv_e, skv_l = _halves(seg_kv)
     if step == 0:
         out_e, lse_e = full(q_e, k_e, v_e, sq_e, skv_e, True)
-        out_l, lse_l = merge_blocks(*full(q_l, k_e, v_e, sq_l, skv_e), *full(q_l, k_l, v_l, sq_l, skv_l, True))
+        out_l, lse_l = merge_partials(*full(q_l, k_e, v_e, sq_l, skv_e), *full(q_l, k_l, v_l, sq_l, skv_l, True))
         return jnp.concatenate([out_e, out_l], axis=1), jnp.concatenate([lse_e, lse_l], axis=2)
 
     def from_earlier_rank():
@@ -58,16 +61,17 @@ def _ring_step_forward(block_forward_fn, step, rank, ring_degree, causal, query,
 
     def from_later_rank():
         out_l, lse_l = full(q_l, key, value, sq_l, seg_kv)
-        return (jnp.concatenate([jnp.zeros_like(out_l), out_l], axis=1),
-                jnp.concatenate([jnp.full_like(lse_l, -jnp.inf), lse_l], axis=2))
+        out_e, lse_e = empty_partial(out_l, lse_l)  # the early half sees nothing of a later rank
+        return jnp.concatenate([out_e, out_l], axis=1), jnp.concatenate([lse_e, lse_l], axis=2)
 
     return jax.lax.cond(_source_is_earlier(rank, step, ring_degree), from_earlier_rank, from_later_rank)
 
 
-def _ring_step_backward(step, rank, ring_degree, causal, query, key, value, seg_q, seg_kv, dout, lse, delta):
+def _ring_step_backward(block_kernel, step, rank, ring_degree, causal, query, key, value, seg_q, seg_kv, dout, lse,
+                        delta):
     """(dq, dk, dv) float32 of local queries against the K/V block held at `step`."""
     def full(q, k, v, sq, skv, do, l, d, is_causal=False):
-        return block_backward(q, k, v, do, l, d, causal=is_causal, segment_ids_q_BxL=sq, segment_ids_kv_BxS=skv)
+        return block_kernel.backward(q, k, v, do, l, d, causal=is_causal, segment_ids_q_BxL=sq, segment_ids_kv_BxS=skv)
 
     if not causal:
         return full(query, key, value, seg_q, seg_kv, dout, lse, delta)
@@ -103,7 +107,7 @@ def _shift(x, axis_name, ring_degree):
     return jax.lax.ppermute(x, axis_name, perm=[(i, (i + 1) % ring_degree) for i in range(ring_degree)])
 
 
-def _ring_forward_pass(axis_name, ring_degree, causal, block_forward_fn, query, key, value, seg_q, seg_kv):
+def _ring_forward_pass(axis_name, ring_degree, causal, block_kernel, query, key, value, seg_q, seg_kv):
     rank = jax.lax.axis_index(axis_name)
     out, lse = None, None
     held = (key, value, seg_kv)
@@ -111,29 +115,29 @@ def _ring_forward_pass(axis_name, ring_degree, causal, block_forward_fn, query, 
     # (and to the communication count in benchmarks/sequence_parallel_comm.py).
     for step in range(ring_degree):
         incoming = _shift(held, axis_name, ring_degree) if step < ring_degree - 1 else None
-        out_step, lse_step = _ring_step_forward(block_forward_fn, step, rank, ring_degree, causal, query,
+        out_step, lse_step = _ring_step_forward(block_kernel, step, rank, ring_degree, causal, query,
                                                  *held[:2], seg_q, held[2])
-        out, lse = (out_step, lse_step) if out is None else merge_blocks(out, lse, out_step, lse_step)
+        out, lse = (out_step, lse_step) if out is None else merge_partials(out, lse, out_step, lse_step)
         held = incoming
     return out, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def ring_attention(axis_name, ring_degree, causal, block_forward_fn, query_BxLxHxD, key_BxLxKxD, value_BxLxKxD,
+def ring_attention(axis_name, ring_degree, causal, block_kernel, query_BxLxHxD, key_BxLxKxD, value_BxLxKxD,
                    segment_ids_q_BxL, segment_ids_kv_BxL):
     """Per-shard ring attention over `axis_name` (call inside shard_map); zigzag layout when causal."""
-    out, _ = _ring_forward_pass(axis_name, ring_degree, causal, block_forward_fn, query_BxLxHxD, key_BxLxKxD,
+    out, _ = _ring_forward_pass(axis_name, ring_degree, causal, block_kernel, query_BxLxHxD, key_BxLxKxD,
                                 value_BxLxKxD, segment_ids_q_BxL, segment_ids_kv_BxL)
     return out.astype(query_BxLxHxD.dtype)
 
 
-def _ring_fwd(axis_name, ring_degree, causal, block_forward_fn, query, key, value, seg_q, seg_kv):
-    out, lse = _ring_forward_pass(axis_name, ring_degree, causal, block_forward_fn, query, key, value, seg_q, seg_kv)
+def _ring_fwd(axis_name, ring_degree, causal, block_kernel, query, key, value, seg_q, seg_kv):
+    out, lse = _ring_forward_pass(axis_name, ring_degree, causal, block_kernel, query, key, value, seg_q, seg_kv)
     out = out.astype(query.dtype)
     return out, (query, key, value, seg_q, seg_kv, out, lse)
 
 
-def _ring_bwd(axis_name, ring_degree, causal, block_forward_fn, residuals, dout):
+def _ring_bwd(axis_name, ring_degree, causal, block_kernel, residuals, dout):
     query, key, value, seg_q, seg_kv, out, lse = residuals
     # This K/V tour repeats the forward's shifts exactly; when forward and backward share a jit XLA
     # CSEs them (R-1 fewer shifts) and keeps the R-1 received blocks alive instead. With GQA those are
@@ -146,8 +150,8 @@ def _ring_bwd(axis_name, ring_degree, causal, block_forward_fn, residuals, dout)
     held = (key, value, seg_kv)
     for step in range(ring_degree):
         incoming = _shift(held, axis_name, ring_degree) if step < ring_degree - 1 else None
-        dq_step, dk_step, dv_step = _ring_step_backward(step, rank, ring_degree, causal, query, *held[:2], seg_q,
-                                                        held[2], dout, lse, delta)
+        dq_step, dk_step, dv_step = _ring_step_backward(block_kernel, step, rank, ring_degree, causal, query,
+                                                        *held[:2], seg_q, held[2], dout, lse, delta)
         dquery = dquery + dq_step
         # The dK/dV accumulators belong to the held block: they travel with it, R hops bring them home.
         dkey, dvalue = _shift((dkey + dk_step, dvalue + dv_step), axis_name, ring_degree)
