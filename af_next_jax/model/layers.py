@@ -88,20 +88,25 @@ def remat_policy(name: str):
     return policies[name]
 
 
-def stack_layers(layer_cls, *, num_layers: int, remat: str, scan: bool, name: str, **layer_kwargs):
-    """Build `num_layers` copies of a layer `(x, *broadcast) -> (x, None)`.
+def stack_layers(layer_cls, *, num_layers: int, remat: str, scan: bool, name: str, in_axes=nn.broadcast,
+                 **layer_kwargs):
+    """Build `num_layers` copies of a layer `(x, *args) -> (x, per_layer_output)`.
 
     With `scan`, parameters are stacked on a leading `layers` axis and the body is compiled once, so
     compile time does not grow with depth. Remat wraps one layer (the per-layer policy).
+    `in_axes` says, per argument after `x`, whether every layer sees it whole (`nn.broadcast`) or its
+    own slice of a leading layers axis (`0`: the decoder's KV cache); the per-layer outputs come
+    back stacked on a leading layers axis (None when the layer returns None).
     """
     policy = remat_policy(remat)
     body = layer_cls if remat == "none" else nn.remat(layer_cls, policy=policy, prevent_cse=not scan)
     if scan:
         scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=nn.broadcast, length=num_layers,
+                          in_axes=in_axes, length=num_layers,
                           metadata_params={nn.PARTITION_NAME: axes.LAYERS})
         return scanned(name=name, **layer_kwargs)
-    return _UnrolledLayers(body=body, num_layers=num_layers, layer_kwargs=tuple(layer_kwargs.items()), name=name)
+    return _UnrolledLayers(body=body, num_layers=num_layers, in_axes=in_axes,
+                           layer_kwargs=tuple(layer_kwargs.items()), name=name)
 
 
 class _UnrolledLayers(nn.Module):
@@ -110,9 +115,15 @@ class _UnrolledLayers(nn.Module):
     body: type
     num_layers: int
     layer_kwargs: tuple
+    in_axes: object = nn.broadcast
 
     @nn.compact
-    def __call__(self, x, *broadcast):
+    def __call__(self, x, *args):
+        scanned = self.in_axes if isinstance(self.in_axes, tuple) else (self.in_axes,) * len(args)
+        outputs = []
         for index in range(self.num_layers):
-            x, _ = self.body(name=f"layer_{index}", **dict(self.layer_kwargs))(x, *broadcast)
-        return x, None
+            layer_args = [jax.tree.map(lambda leaf: leaf[index], arg) if axis == 0 else arg
+                          for arg, axis in zip(args, scanned)]
+            x, output = self.body(name=f"layer_{index}", **dict(self.layer_kwargs))(x, *layer_args)
+            outputs.append(output)
+        return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
