@@ -1,6 +1,8 @@
 """AF-Next stage 1: align the adaptor. Projector only (encoder and LLM frozen), 30 s clips, 8K tokens.
 
-Starts from `convert from-hf` of Qwen2.5-7B + Whisper-large-v3 (projector freshly initialised).
+Starts from `python -m af_next_jax.convert from-hf --qwen2-dir Qwen2.5-7B --whisper-dir whisper-large-v3
+--preset af_next_7b --out /checkpoints/af_next/from_hf` (projector freshly initialised), which also writes
+`from_hf/tokenizer.json`, the tokenizer every 7B stage reads.
 ARG picks the mesh: `tpu_v5p` (default) or `h100`. AF3 used lr 1e-3 here (AF-Next's are not public).
 """
 

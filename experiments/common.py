@@ -12,7 +12,8 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Model: a preset of af_next_jax/config.py plus field overrides (sub-dicts override a part).
     config.model = ml_collections.ConfigDict(dict(
-        preset="tiny", compute_dtype="float32", remat_policy="none", attention_implementation="xla"))
+        preset="tiny", compute_dtype="float32", remat_policy="none", attention_kernel="xla",
+        sequence_parallelism="none"))
     # Which groups train: projector | encoder_projector | full | long_context (train/optimizer.py).
     config.stage = "full"
     # A converted checkpoint (`convert from-hf`) or the workdir of the previous stage; "" = random init.
@@ -92,16 +93,20 @@ def set_mesh(config: ml_collections.ConfigDict, name: str) -> None:
 
 def af_next_7b_stage(*, stage: str, learning_rate: float, seq_len: int, windows_per_audio: int,
                      batch_size: int, total_steps: int, init_from: str, manifests: tuple, mesh: str,
-                     attention: str = "pallas", remat: str = "dots_with_no_batch_dims") -> ml_collections.ConfigDict:
+                     sequence_parallelism: str = "none", remat: str = "dots_with_no_batch_dims") -> ml_collections.ConfigDict:
     """One stage of the AF-Next 7B curriculum (af_next_7b preset, bf16 compute, float32 master weights)."""
     config = base_config()
     config.model = ml_collections.ConfigDict(dict(
-        preset="af_next_7b", compute_dtype="bfloat16", remat_policy=remat, attention_implementation=attention,
+        # "auto": the Pallas kernel on the GPUs/TPUs the mesh is compiled for (XLA on a CPU).
+        preset="af_next_7b", compute_dtype="bfloat16", remat_policy=remat, attention_kernel="auto",
+        sequence_parallelism=sequence_parallelism,
         max_windows_per_audio=60))
     config.stage = stage
     config.init_from = init_from
     config.data.update(dict(
-        dir=DATA_ROOT, train_manifests=manifests, heldout_manifest="heldout.jsonl", tokenizer="tokenizer.json",
+        dir=DATA_ROOT, train_manifests=manifests, heldout_manifest="heldout.jsonl",
+        # The tokenizer `convert from-hf --preset af_next_7b` writes (Qwen2.5 + the audio and think tokens).
+        tokenizer=f"{RUN_ROOT}/from_hf/tokenizer.json",
         seq_len=seq_len, batch_size=batch_size, max_windows_per_audio=windows_per_audio,
         # A row of seq_len tokens holds at most seq_len / 750 full 30 s windows.
         max_windows_per_batch=batch_size * max(1, seq_len // 750), num_workers=8, num_threads=8))

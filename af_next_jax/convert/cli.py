@@ -3,6 +3,11 @@
   from-hf --hf-dir DIR --out CKPT                          MusicFlamingo / AF3 / AF-Next directory
   from-hf --qwen2-dir DIR --whisper-dir DIR --out CKPT     new model: Qwen2 LLM + Whisper encoder,
                                                            random projector, default RoTE
+  from-hf --qwen2-dir DIR --whisper-dir DIR --out CKPT --preset af_next_7b|af3_7b
+                                                           the same as that preset's model, for its
+                                                           experiments' init_from: vocabulary resized,
+                                                           RoPE from the preset, CKPT/tokenizer.json
+                                                           with the audio and think tokens
   to-hf --checkpoint CKPT --out DIR [--dtype bfloat16] [--tokenizer-dir DIR] [--max-shard-size 5GB]
   to-hf --checkpoint WORKDIR [--step N] --out DIR ...      a training workdir: its final export, or
                                                            with --step the saved checkpoint of step N
@@ -22,6 +27,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from af_next_jax.config import PRESETS
 from af_next_jax.convert.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -35,16 +41,22 @@ def _gigabytes(n: int) -> str:
 
 
 def from_hf(args) -> int:
-    from af_next_jax.convert import hf_import, orbax_io
+    from af_next_jax.convert import hf_export, hf_import, orbax_io, sources
     if args.hf_dir and (args.qwen2_dir or args.whisper_dir):
         raise BadInputError("give either --hf-dir, or --qwen2-dir with --whisper-dir, not both")
+    if args.hf_dir and args.preset:
+        raise BadInputError("--preset applies to a new model (--qwen2-dir + --whisper-dir); an --hf-dir "
+                            "checkpoint keeps its own config")
     if args.hf_dir:
         plan = hf_import.plan_audio_model(args.hf_dir)
     elif args.qwen2_dir and args.whisper_dir:
         ids = {name: getattr(args, name) for name in ("audio_token_id", "audio_bos_token_id", "audio_eos_token_id")
                if getattr(args, name) is not None}
+        if args.preset and (ids or args.no_rote):
+            flags = ["--" + name.replace("_", "-") for name in ids] + ["--no-rote"] * args.no_rote
+            raise BadInputError(f"--preset {args.preset} fixes the audio ids and RoTE; drop {', '.join(flags)}")
         plan = hf_import.plan_qwen2_whisper(args.qwen2_dir, args.whisper_dir, rote=not args.no_rote,
-                                            seed=args.seed, **ids)
+                                            seed=args.seed, preset=args.preset, **ids)
     else:
         raise BadInputError("from-hf needs --hf-dir, or both --qwen2-dir and --whisper-dir")
     if args.max_windows_per_audio is not None:
@@ -52,6 +64,14 @@ def from_hf(args) -> int:
     start = time.perf_counter()
     with orbax_io.atomic_directory(args.out, args.overwrite) as staging:
         params = hf_import.read_params(plan, progress=not args.quiet)
+        if plan.base_models is not None:  # --preset: resize the vocabulary, write the extended tokenizer
+            params, changes = plan.base_models.resize(params)
+            plan.info["changes"] = changes
+            plan.info["tokenizer_files"] = plan.base_models.tokenizer.write(staging)
+            print("\n".join(f"  {line}" for line in [f"preset {args.preset}:"] + changes))
+        if args.hf_dir:  # keep the repository's tokenizer, template and processor files for to-hf
+            kept = hf_export.copy_tokenizer_files(args.hf_dir, staging / sources.HF_TOKENIZER_DIR)
+            plan.info["tokenizer_files"] = kept
         orbax_io.save_checkpoint(staging, params, plan.config, plan.info)
     print(f"wrote {args.out}: {len(plan.assignments)} tensors, {_gigabytes(plan.source_bytes)} read "
           f"({plan.info['hf_dtype']}), model_type "
@@ -73,11 +93,14 @@ def to_hf(args) -> int:
     with orbax_io.atomic_directory(args.out, args.overwrite) as staging, source.open_params() as params:
         summary = hf_export.write_hf_directory(
             staging, params, source.config, dtype=dtype, max_shard_size=args.max_shard_size,
-            tokenizer_dir=args.tokenizer_dir, generation_config=source.info.get("generation_config"),
-            progress=not args.quiet)
+            tokenizer_dir=args.tokenizer_dir or source.tokenizer_dir, tokenizer_json=source.tokenizer,
+            generation_config=source.info.get("generation_config"), progress=not args.quiet)
     print(f"wrote {args.out}: {summary['tensors']} tensors in {summary['shards']} shard(s), "
           f"{_gigabytes(summary['bytes'])} {dtype}, tokenizer files {summary['tokenizer_files'] or 'none'}, "
           f"from the {source.description}, {time.perf_counter() - start:.1f} s")
+    if not summary["processor"]:
+        print(f"note: no tokenizer found for the {source.description}, so no processor files were written "
+              f"(AutoProcessor will not load {args.out}); pass --tokenizer-dir DIR with the model's tokenizer.json")
     return EXIT_OK
 
 
@@ -114,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qwen2-dir", help="bare Qwen2 directory: the decoder of a new model")
     p.add_argument("--whisper-dir", help="Whisper (or AF3 / AF3-encoder) directory: the encoder of a new model")
     p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="new model: the preset whose experiments will init_from it (vocabulary resized, RoPE "
+                        "theta / max positions and audio ids from the preset, dimensions checked, Qwen2's "
+                        "tokenizer.json extended with the AF-Next special tokens into --out)")
     p.add_argument("--no-rote", action="store_true", help="new model without RoTE (AF3-style); default has RoTE")
     p.add_argument("--seed", type=int, default=0, help="seed of the new model's random projector")
     p.add_argument("--audio-token-id", type=int, help="new model: id of <sound> (default 151669)")

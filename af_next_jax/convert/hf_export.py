@@ -126,18 +126,46 @@ def tokenizer_files(tokenizer_dir: str | Path) -> list[Path]:
     return files
 
 
+def copy_tokenizer_files(hf_dir: str | Path, folder: Path) -> list[str]:
+    """Copy the tokenizer / processor files of `hf_dir` (if any) into `folder`; returns their names."""
+    files = sorted({p for pattern in TOKENIZER_PATTERNS for p in Path(hf_dir).glob(pattern) if p.is_file()})
+    if files:
+        folder.mkdir()
+        for path in files:
+            shutil.copy2(path, folder / path.name)
+    return [p.name for p in files]
+
+
 def write_hf_directory(directory: Path, params, config: ModelConfig, *, dtype: str = "float32",
                        max_shard_size: int | str = "5GB", tokenizer_dir: str | Path | None = None,
-                       generation_config: dict | None = None, progress: bool = True) -> dict:
-    """Everything `from_pretrained` needs, into an existing empty `directory`. Returns a summary."""
-    tokenizer = tokenizer_files(tokenizer_dir) if tokenizer_dir else []  # fail before writing weights
+                       tokenizer_json: str | Path | None = None, generation_config: dict | None = None,
+                       progress: bool = True) -> dict:
+    """Everything `from_pretrained` and `AutoProcessor.from_pretrained` need, into an existing empty
+    `directory`. Returns a summary.
+
+    Files that `tokenizer_dir` holds are copied. The processor files (hf_processor.py) are then written
+    from `tokenizer_json`, or from `tokenizer_dir/tokenizer.json`, over the copies (a copied
+    tokenizer_config.json is merged into ours), unless `tokenizer_dir` is already a complete processor.
+    Without a tokenizer only the weights, config.json and generation_config.json are written."""
+    from af_next_jax.convert import hf_processor
+    copied = tokenizer_files(tokenizer_dir) if tokenizer_dir else []  # fail before writing weights
+    if tokenizer_dir and (Path(tokenizer_dir) / hf_processor.TOKENIZER_FILE).is_file():
+        tokenizer_json = Path(tokenizer_dir) / hf_processor.TOKENIZER_FILE
     index = write_weights(directory, params, config, dtype, max_shard_size, progress)
     (directory / CONFIG_FILE).write_text(json.dumps(to_hf_config(config, dtype), indent=2) + "\n")
     # The source's generation config when the checkpoint came from HF; else what save_pretrained writes
-    # for a model without one.
+    # for a model without one (the processor files below add the stop tokens when a tokenizer is known).
     generation = generation_config or {"_from_model_config": True}
     (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
-    for path in tokenizer:
+    written = []
+    # A tokenizer directory that is already a complete processor (kept from an HF repository by
+    # from-hf) is copied as it is: its template and settings are the model's, not ours to rewrite.
+    complete = {hf_processor.TOKENIZER_CONFIG_FILE, hf_processor.PREPROCESSOR_FILE} <= {p.name for p in copied}
+    for path in copied:
         shutil.copy2(path, directory / path.name)
+    if tokenizer_json is not None and not complete:  # its tokenizer_config.json fields are merged, not lost
+        written = hf_processor.write_processor_files(directory, config, Path(tokenizer_json), generation_config)
     return {"shards": len(set(index["weight_map"].values())), "tensors": len(index["weight_map"]),
-            "bytes": index["metadata"]["total_size"], "tokenizer_files": [p.name for p in tokenizer]}
+            "bytes": index["metadata"]["total_size"],
+            "tokenizer_files": sorted({p.name for p in copied} | set(written)),
+            "processor": bool(written) or complete}

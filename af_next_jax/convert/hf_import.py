@@ -66,6 +66,8 @@ class ImportPlan:
     # Parameters that do not come from a file (the randomly initialised projector of a new model).
     initialised: dict = dataclasses.field(default_factory=dict)
     info: dict = dataclasses.field(default_factory=dict)
+    # `from-hf --preset`: the checks done and the vocabulary resize to apply after reading (base_models.py).
+    base_models: object | None = None
 
     @property
     def source_bytes(self) -> int:
@@ -215,20 +217,32 @@ def _encoder_config_dict(hf: dict, path: Path) -> dict:
 
 
 def plan_qwen2_whisper(qwen2_dir: str | Path, whisper_dir: str | Path, *, rote: bool = True,
-                       seed: int = 0, **config_fields) -> ImportPlan:
+                       seed: int = 0, preset: str | None = None, **config_fields) -> ImportPlan:
     """A new model: decoder from a bare Qwen2 directory, encoder from a Whisper (or AF3) directory,
-    projector randomly initialised (`seed`), RoTE with its default config unless `rote=False`."""
+    projector randomly initialised (`seed`), RoTE with its default config unless `rote=False`.
+
+    With `preset` (a name in config.PRESETS) the model is that preset's: dimensions checked against
+    it, vocabulary, RoPE and audio ids taken from it (base_models.py); `rote` and `config_fields`
+    must then be left at their defaults."""
     qwen2_dir, whisper_dir = Path(qwen2_dir), Path(whisper_dir)
     text = read_json(qwen2_dir / CONFIG_FILE, "Qwen2 config.json")
     if text.get("model_type") != "qwen2":
         raise BadInputError(f"{qwen2_dir / CONFIG_FILE}: model_type is {text.get('model_type')!r}, "
                             f"expected 'qwen2' for --qwen2-dir")
     audio = _encoder_config_dict(read_json(whisper_dir / CONFIG_FILE, "Whisper config.json"), whisper_dir)
-    config = config_from_fields(lambda: ModelConfig(
-        encoder=hf_config.encoder_from_audio_config(audio), decoder=hf_config.decoder_from_qwen2_config(text),
-        rote=RoteConfig() if rote else None, **config_fields), f"{qwen2_dir / CONFIG_FILE} + {whisper_dir / CONFIG_FILE}")
-
-    shapes = expected_shapes(config)
+    base = None
+    if preset is not None:
+        from af_next_jax.convert.base_models import plan_base_models
+        base = plan_base_models(qwen2_dir, text, whisper_dir, audio, preset)
+        config = base.config
+        # Read Qwen2's vocabulary tensors at their own size; base.resize brings them to the preset's.
+        shapes = {**expected_shapes(config), **base.source_vocab_shapes()}
+    else:
+        config = config_from_fields(lambda: ModelConfig(
+            encoder=hf_config.encoder_from_audio_config(audio), decoder=hf_config.decoder_from_qwen2_config(text),
+            rote=RoteConfig() if rote else None, **config_fields),
+            f"{qwen2_dir / CONFIG_FILE} + {whisper_dir / CONFIG_FILE}")
+        shapes = expected_shapes(config)
     decoder_part = decoder_rules(config, prefix="model.", lm_head_key="lm_head.weight")
     assignments = match_rules(read_headers(qwen2_dir), decoder_part, shapes, str(qwen2_dir))
 
@@ -244,7 +258,10 @@ def plan_qwen2_whisper(qwen2_dir: str | Path, whisper_dir: str | Path, *, rote: 
     info = {"source": {"qwen2_dir": str(qwen2_dir.absolute()), "whisper_dir": str(whisper_dir.absolute()),
                        "projector": f"random init, seed {seed}"},
             "hf_dtype": _source_dtype(assignments), "generation_config": _generation_config(qwen2_dir)}
-    return ImportPlan(config, shapes, assignments, initialised={"projector": _init_projector(config, seed)}, info=info)
+    if base is not None:
+        info["source"]["preset"] = preset
+    return ImportPlan(config, shapes, assignments, initialised={"projector": _init_projector(config, seed)},
+                      info=info, base_models=base)
 
 
 def _init_projector(config: ModelConfig, seed: int) -> dict:

@@ -21,7 +21,31 @@ import numpy as np
 
 from af_next_jax.config import ModelConfig
 from af_next_jax.data.manifest import AUDIO_PLACEHOLDER, Turn
-from af_next_jax.data.tokenizer import Tokenizer
+from af_next_jax.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+# The same ChatML as a Jinja chat template, for HF exports (convert/hf_processor.py writes it as the
+# processor's and tokenizer's template): one source, rendered against encode_conversation in the tests.
+_START, _END, _NEWLINE = SPECIAL_TOKENS["im_start"], SPECIAL_TOKENS["im_end"], "{{ '\\n' }}"
+# No whitespace outside the tags: every character of the output is written explicitly.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    f"{_START}{{{{ message['role'] }}}}{_NEWLINE}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- set audio = namespace(count=0) -%}{%- set text = namespace(value='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'audio' -%}{%- set audio.count = audio.count + 1 -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    f"{{{{ '{AUDIO_PLACEHOLDER}' * audio.count }}}}"
+    f"{{%- if audio.count and text.value -%}}{_NEWLINE}{{%- endif -%}}"
+    "{{ text.value }}"
+    "{%- endif -%}"
+    f"{_END}{_NEWLINE}"
+    "{%- endfor -%}"
+    f"{{%- if add_generation_prompt -%}}{_START}assistant{_NEWLINE}{{%- endif -%}}"
+)
+
 
 
 def uses_audio_markers(model_config: ModelConfig) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +14,40 @@ from af_next_jax.convert.mapping import canonical_key
 from hf_reference import build_audio_model
 
 CONFIGS = {"musicflamingo": tiny(), "audioflamingo3": tiny(rote=None)}
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEXTS = ["hello world, the sound of music is nice", "a dog barks twice then a car passes by",
+         "the speaker says thank you at 10.7s to 16.9s", "what do you hear in this clip?"] * 20
 
 
 def run_cli(*argv) -> int:
     return cli.main([str(a) for a in argv])
+
+
+def write_bpe_tokenizer(folder, extra_tokens=()) -> int:
+    """A real byte-level BPE tokenizer.json (+ a tokenizer_config.json) with Qwen's ChatML tokens and
+    none of AF-Next's; returns the number of ids it uses."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=CHAT_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(TEXTS, trainer)
+    tokenizer.add_special_tokens(list(extra_tokens))
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096, "added_tokens_decoder": {}}))
+    return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def write_af_next_tokenizer(folder, config) -> Path:
+    """A byte-level BPE tokenizer.json with the AF-Next tokens at `config`'s ids (as `from-hf --preset`
+    writes it); returns its path."""
+    from af_next_jax.convert.special_tokens import extend_tokenizer
+    source = folder / "source"
+    write_bpe_tokenizer(source)
+    extend_tokenizer(source, config).write(folder)
+    return folder / "tokenizer.json"
 
 
 def read_tensors(hf_dir) -> dict[str, np.ndarray]:

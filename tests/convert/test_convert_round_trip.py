@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from af_next_jax.convert import orbax_io
 from af_next_jax.convert.mapping import canonical_key, tensors_from_params
-from conftest import read_tensors, run_cli
+from conftest import write_af_next_tokenizer, read_tensors, run_cli
 
 HF_CLASSES = {"musicflamingo": transformers.MusicFlamingoForConditionalGeneration,
               "audioflamingo3": transformers.AudioFlamingo3ForConditionalGeneration}
@@ -103,14 +103,19 @@ def test_verify_fails_when_a_weight_is_perturbed(converted, tmp_path, capsys):
 @MUSICFLAMINGO_ONLY
 def test_tokenizer_files_are_copied(converted, tmp_path):
     ckpt, _ = converted
+    from af_next_jax.convert.hf_processor import CHAT_TEMPLATE
     tokenizer_dir = tmp_path / "tokenizer"
-    tokenizer_dir.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
-        (tokenizer_dir / name).write_text("{}")
+    write_af_next_tokenizer(tokenizer_dir, orbax_io.load_config(ckpt))
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"custom_field": 7}))
+    (tokenizer_dir / "config.json").write_text("{}")
+    (tokenizer_dir / "vocab.json").write_text("{}")
     assert run_cli("to-hf", "--checkpoint", ckpt, "--out", tmp_path / "out", "--tokenizer-dir", tokenizer_dir,
                    "--quiet") == 0
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        assert (tmp_path / "out" / name).read_text() == "{}"
+    for name in ("tokenizer.json", "vocab.json"):
+        assert (tmp_path / "out" / name).read_text() == (tokenizer_dir / name).read_text()
+    tokenizer_config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["custom_field"] == 7 and tokenizer_config["chat_template"] == CHAT_TEMPLATE  # merged
+    assert (tmp_path / "out" / "preprocessor_config.json").is_file()  # the processor files are written
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] in HF_CLASSES  # ours, not the copy
 
 
