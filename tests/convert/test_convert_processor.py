@@ -20,7 +20,7 @@ from af_next_jax.convert import hf_processor, orbax_io
 from af_next_jax.data.conversation import encode_conversation, uses_audio_markers
 from af_next_jax.data.manifest import AUDIO_PLACEHOLDER, Turn
 from af_next_jax.data.tokenizer import load_tokenizer
-from conftest import run_cli
+from conftest import run_cli, write_af_next_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUESTION = "When does the beep start?"
@@ -179,7 +179,6 @@ def test_round_trip_through_from_hf_keeps_the_processor_files(exported, tmp_path
 
 def test_audioflamingo3_export_gets_its_processor_and_bare_audio_runs(converted, saved_model, tmp_path):
     """No RoTE: AudioFlamingo3Processor, whose <sound> run has no bos/eos markers (our data layout too)."""
-    from conftest import write_af_next_tokenizer
     model_type, config, _, _ = saved_model
     ckpt, _ = converted
     tokenizer_json = write_af_next_tokenizer(tmp_path / "tokenizer", config)
