@@ -41,9 +41,9 @@ def test_decoder_like_causal_packed_gqa_matches_xla():
 
 
 def test_encoder_like_key_validity_with_a_fully_padded_window_matches_xla():
-    # Window 0 has 30 valid frames of 40, window 1 none. xla gives the empty window the uniform
-    # average of its values and pallas zeros (both finite); nothing reads it, so its cotangent is 0
-    # and only window 0's outputs are compared.
+    # Window 0 has 30 valid frames of 40, window 1 none. Both give the empty window zeros (the one
+    # masking convention, tests/attention/test_fully_masked_rows.py checks it in every path); nothing
+    # reads it, so its cotangent is 0 and only window 0's outputs are compared.
     query, key, value, dout = _inputs(1, 2, 40, 4, 4, 64)
     validity = jnp.asarray([[1] * 30 + [0] * 10, [0] * 40], jnp.int32)
     dout = dout.at[1].set(0.0)
@@ -62,6 +62,6 @@ def test_tiny_model_logits_with_pallas_attention_match_xla():
     batch = synthetic_batch(config, audio_frames_per_example=[[700], []], seq_len=256, num_windows=3)
     params = jax.jit(AFNextModel(config).init, compiler_options=FAST_COMPILE)(jax.random.key(0), batch)
     xla = jax.jit(AFNextModel(config).apply, compiler_options=FAST_COMPILE)(params, batch)
-    pallas = jax.jit(AFNextModel(config.replace(attention_implementation="pallas")).apply,
+    pallas = jax.jit(AFNextModel(config.replace(attention_kernel="pallas")).apply,
                      compiler_options=FAST_COMPILE)(params, batch)
     np.testing.assert_allclose(np.asarray(pallas), np.asarray(xla), rtol=1e-4, atol=1e-4)

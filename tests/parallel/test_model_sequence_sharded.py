@@ -1,7 +1,7 @@
 """The whole AF-Next model on a sequence-sharded 8-device mesh: equal to the unsharded model, and no device
 ever gathers a decoder activation to the full sequence length.
 
-Reference: the tiny model with attention_implementation="xla" on one device (no mesh). Checked: the
+Reference: the tiny model with attention_kernel="xla" on one device (no mesh). Checked: the
 masked next-token loss and the gradient of every parameter, float32, for ring, Ulysses and hybrid
 sequence parallelism (the model zigzag-permutes the decoder sequence for ring and hybrid itself), and
 the compiled program of that same loss and gradient for full-length gathers.
@@ -65,7 +65,7 @@ def sharded_loss_and_gradient(reference):
     def get(implementation):
         if implementation not in compiled:
             mesh_config = MESHES[implementation]
-            model = AFNextModel(config.replace(attention_implementation=implementation))
+            model = AFNextModel(config.replace(sequence_parallelism=implementation))
             mesh, rules = make_mesh(mesh_config), logical_axis_rules(mesh_config)
             # As the trainer runs it: the mesh (sequence-parallel attention reads it) and the rules scope.
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
