@@ -16,8 +16,9 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/pip install -q -e .
 	touch $@
 
+# The tpu extra (libtpu) lets the tests compile for TPU topologies on this CPU host (tests/compile).
 $(VENV)/.installed-test: $(VENV)/.installed setup.py
-	$(VENV)/bin/pip install -q -e ".[test]"
+	$(VENV)/bin/pip install -q -e ".[test,tpu]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -33,5 +33,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.24", "tiktoken>=0.7"],
+        # TPU VMs, and any host that compiles for a TPU topology (`python -m af_next_jax.compile`):
+        # jax's own extra pins the libtpu that matches the installed jax.
+        "tpu": ["jax[tpu]"],
+        # NVIDIA GPU hosts (CUDA 12 wheels of jaxlib's plugin).
+        "cuda": ["jax[cuda12]"],
     },
 )

@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.max_nonfinite_streak = 5          # stop after this many skipped (non-finite) steps in a row
     # Peak FLOP/s of one device for MFU; 0 = look it up from the device kind (train/flops.py).
     config.peak_flops_per_device = 0.0
+    # The hardware this experiment is meant for: what `python -m af_next_jax.compile` compiles for
+    # without --topology (a Cloud TPU name: v5p-256, v5e-16, ...; "" = none declared), and its slices.
+    config.target_topology = ""
+    config.target_slices = 1
     return config
 
 
@@ -91,10 +95,31 @@ def set_mesh(config: ml_collections.ConfigDict, name: str) -> None:
     config.mesh.update(MESHES[name])
 
 
+# The TPU slice each TPU mesh is meant for (`python -m af_next_jax.compile` compiles for it by default).
+# GPU meshes name none: their plans cannot be compiled on a CPU host (docs/SCALING.md).
+TARGETS = {"tpu_v5p": "v5p-256", "tpu_v5p_long": "v5p-64"}
+
+
+def _chips(target: str) -> int:
+    """Chips of a Cloud TPU name (v5p counts two TensorCores per chip)."""
+    generation, _, size = target.partition("-")
+    return int(size) // (2 if generation in ("v4", "v5p") else 1)
+
+
 def af_next_7b_stage(*, stage: str, learning_rate: float, seq_len: int, windows_per_audio: int,
                      batch_size: int, total_steps: int, init_from: str, manifests: tuple, mesh: str,
-                     sequence_parallelism: str = "none", remat: str = "dots_with_no_batch_dims") -> ml_collections.ConfigDict:
-    """One stage of the AF-Next 7B curriculum (af_next_7b preset, bf16 compute, float32 master weights)."""
+                     sequence_parallelism: str = "none", remat: str = "dots_with_no_batch_dims",
+                     target: str | None = None) -> ml_collections.ConfigDict:
+    """One stage of the AF-Next 7B curriculum (af_next_7b preset, bf16 compute, float32 master weights).
+
+    `target`: the TPU slice it is meant for (default: the mesh's, TARGETS); "" for GPU meshes."""
+    target = TARGETS.get(mesh, "") if target is None or mesh not in TARGETS else target
+    # A row of seq_len tokens holds at most seq_len / 750 full 30 s windows. The window axis is split
+    # over every chip (data x fsdp x sequence axes): pad it to a multiple of the chips, since a count
+    # that does not divide would be replicated (every chip encoding every window).
+    windows = batch_size * max(1, seq_len // 750)
+    if target:
+        windows = -(-windows // _chips(target)) * _chips(target)
     config = base_config()
     config.model = ml_collections.ConfigDict(dict(
         # "auto": the Pallas kernel on the GPUs/TPUs the mesh is compiled for (XLA on a CPU).
@@ -108,8 +133,7 @@ def af_next_7b_stage(*, stage: str, learning_rate: float, seq_len: int, windows_
         # The tokenizer `convert from-hf --preset af_next_7b` writes (Qwen2.5 + the audio and think tokens).
         tokenizer=f"{RUN_ROOT}/from_hf/tokenizer.json",
         seq_len=seq_len, batch_size=batch_size, max_windows_per_audio=windows_per_audio,
-        # A row of seq_len tokens holds at most seq_len / 750 full 30 s windows.
-        max_windows_per_batch=batch_size * max(1, seq_len // 750), num_workers=8, num_threads=8))
+        max_windows_per_batch=windows, num_workers=8, num_threads=8))
     config.optimizer.update(dict(learning_rate=learning_rate, warmup_steps=min(2000, total_steps // 20),
                                  final_lr_fraction=0.1, weight_decay=0.0, b2=0.95))
     config.total_steps = total_steps
@@ -120,4 +144,5 @@ def af_next_7b_stage(*, stage: str, learning_rate: float, seq_len: int, windows_
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
     set_mesh(config, mesh)
+    config.target_topology = target
     return config

@@ -17,6 +17,7 @@ def get_config(arg=None):
     config.stage = "long_context"
     config.data.update(dict(seq_len=1024, batch_size=2, max_windows_per_batch=8))
     config.mesh.update(dict(data=1, fsdp=2, ring=2, ulysses=2))
+    config.target_topology = "v5p-16"  # 8 chips: `python -m af_next_jax.compile` compiles for it
     config.loss_chunk_length = 256
     config.total_steps = 20
     config.eval_every = 10

@@ -8,6 +8,7 @@ states the convention, including the fully masked row). `implementation` is an `
 
 from __future__ import annotations
 
+from af_next_jax.attention.kernel_over_mesh import kernel_per_shard
 from af_next_jax.attention.platform import AttentionChoice, resolve_kernel
 from af_next_jax.attention.reference import xla_attention
 from af_next_jax.attention.sequence_parallel import sequence_parallel_attention
@@ -30,5 +31,5 @@ def dot_product_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, *, causal: 
                                            implementation=choice.sequence_parallelism,
                                            block_implementation=choice.kernel, **masks)
     if resolve_kernel(choice.kernel) == "pallas":
-        return flash_module.flash_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, **masks)
+        return kernel_per_shard(flash_module.flash_attention, query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, **masks)
     return xla_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, **masks)
