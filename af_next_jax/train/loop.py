@@ -264,9 +264,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
             if log_now:
                 logger.info(format_log_line(step, config.total_steps, metrics))
 
-            # nonfinite_streak is a replicated output of the step, equal on every process; the stop is
-            # still decided collectively so that no process can leave the others waiting in a collective.
-            if multihost.agree_any(metrics["nonfinite_streak"] >= config.max_nonfinite_streak):
+            # nonfinite_streak is a replicated output of the one SPMD step, so every process reads the same
+            # value and takes the same decision: no extra cross-host collective on every step.
+            if metrics["nonfinite_streak"] >= config.max_nonfinite_streak:
                 checkpointer.save(step, state.to_dict(), iterator_state, force=True)
                 path = os.path.join(workdir, f"nonfinite_step_{step}.npz")
                 if jax.process_index() == 0:
