@@ -10,7 +10,8 @@ WORKDIR/
   nonfinite_step_N.npz  the batch of a run stopped by non-finite losses (process 0's rows)
 
 Per step: dispatch the jitted step, read the next batch from the pipeline while the device works,
-then read the step's scalars. SIGTERM (preemption) asks for a stop: the loop saves at the end of a
+then read the previous step's scalars (one step late: the host never waits for the device between
+steps). SIGTERM (preemption) asks for a stop: the loop saves at the end of a
 step and exits cleanly. With several processes (launch.py) every process runs this same loop on its
 own share of each batch (host_data.py); the stop after a SIGTERM to any one of them, and the
 non-finite stop, are decided together, so all save the same step. Metrics, TensorBoard, config.json
@@ -19,6 +20,7 @@ and the export's JSON are written by process 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -212,6 +214,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
             step, state_dict, _ = restored
             state = TrainState.from_dict(state_dict)
             logger.info("resumed from %s at step %d", checkpointer.directory, step)
+            streak = int(state.nonfinite_streak.addressable_shards[0].data)  # replicated: same on every process
+            if streak >= config.max_nonfinite_streak:
+                # The run stopped for non-finite steps; resuming it is the user's decision to go on (new data
+                # order, lower learning rate). A streak left at the limit would halt every step (train_step).
+                logger.warning("step %d ended a run of %d non-finite steps; resuming with the streak reset",
+                               step, streak)
+                state = state.replace(nonfinite_streak=jnp.zeros_like(state.nonfinite_streak))
         else:
             initial = load_initial_params(config.init_from, setup.abstract_params) if config.init_from else None
             state = init_train_state(model, optimizer, setup, example, config.seed, initial)
@@ -223,7 +232,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
 
         train_step = jax.jit(
             make_train_step(model, optimizer, schedule, trainable_mask(labels),
-                            loss_chunk_length=config.loss_chunk_length),
+                            loss_chunk_length=config.loss_chunk_length,
+                            max_nonfinite_streak=config.max_nonfinite_streak),
             in_shardings=(setup.state_shardings, setup.step_batch_shardings),
             out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
         eval_step = jax.jit(make_eval_step(model, loss_chunk_length=config.loss_chunk_length),
@@ -239,62 +249,42 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
         eval_cache = []
         result = RunResult("finished", step, None, workdir)
         batch = _stack_micro_batches(batches, accum) if step < config.total_steps else None
-        timer_start, timer_steps, run_start_step = None, 0, step
+        reporter = _StepReporter(config, writer, batches, tokens_per_step, flops_per_step,
+                                 peak_flops * jax.device_count(), run_start_step=step)
+        pending = None  # the previous step, whose scalars are read while the device runs the next one
         while step < config.total_steps:
-            state, metrics = train_step(state, _put(batch, setup.step_batch_shardings))
+            state, device_metrics = train_step(state, _put(batch, setup.step_batch_shardings))
             step += 1
-            iterator_state = batches.get_state()  # the pipeline position after this step's batches
-            last_batch = batch
+            dispatched = _DispatchedStep(step, device_metrics, batches.get_state(), batch)
             if step < config.total_steps:
                 batch = _stack_micro_batches(batches, accum)  # overlaps the device's work
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            if timer_start is None:  # the first step compiles: time from the end of it
-                timer_start = now
-            else:
-                timer_steps += 1
-                seconds_per_step = (now - timer_start) / timer_steps
-                metrics["tokens_per_second"] = tokens_per_step / seconds_per_step
-                metrics["mfu"] = flops_per_step / seconds_per_step / (peak_flops * jax.device_count())
-                metrics["eta_seconds"] = seconds_per_step * (config.total_steps - step)
-            metrics.update(batches.metrics() if hasattr(batches, "metrics") else {})
-            result.final_loss = metrics["loss"]
-            log_now = step % config.log_every == 0 or step == config.total_steps or step == run_start_step + 1
-            writer.write(step, metrics, tensorboard=log_now)
-            if log_now:
-                logger.info(format_log_line(step, config.total_steps, metrics))
-
-            # nonfinite_streak is a replicated output of the one SPMD step, so every process reads the same
-            # value and takes the same decision: no extra cross-host collective on every step.
-            if metrics["nonfinite_streak"] >= config.max_nonfinite_streak:
-                checkpointer.save(step, state.to_dict(), iterator_state, force=True)
-                path = os.path.join(workdir, f"nonfinite_step_{step}.npz")
-                if jax.process_index() == 0:
-                    np.savez(path, **last_batch)
-                logger.error("%d non-finite steps in a row (max_nonfinite_streak); stopping at step %d with the "
-                             "state saved and the last batch in %s", int(metrics["nonfinite_streak"]), step, path)
-                result = RunResult("nonfinite", step, metrics["loss"], workdir)
+            if pending is not None and reporter.report(pending):
+                # The step just dispatched was halted (its state is `pending`'s: see make_train_step).
+                result = _stop_nonfinite(checkpointer, state, pending, workdir, config)
+                pending = None
                 break
+            pending = dispatched
             if eval_batches_factory is not None and config.eval_every and (
                     step % config.eval_every == 0 or step == config.total_steps):
-                pause = time.perf_counter()
-                _evaluate(eval_step, state.params, eval_batches_factory, eval_cache, config.eval_batches,
-                          setup.micro_batch_shardings, writer, step)
-                if timer_start is not None:
-                    timer_start += time.perf_counter() - pause
+                with reporter.paused():
+                    _evaluate(eval_step, state.params, eval_batches_factory, eval_cache, config.eval_batches,
+                              setup.micro_batch_shardings, writer, step)
             if preemption.should_stop(step):
-                checkpointer.save(step, state.to_dict(), iterator_state, force=True)
+                checkpointer.save(step, state.to_dict(), dispatched.iterator_state, force=True)
                 checkpointer.wait()
                 logger.warning("SIGTERM: saved step %d to %s; exiting (run the same command to resume)",
                                step, checkpointer.directory)
-                result = RunResult("preempted", step, metrics["loss"], workdir)
+                result = RunResult("preempted", step, None, workdir)
                 break
-            pause = time.perf_counter()
-            checkpointer.save(step, state.to_dict(), iterator_state, force=step == config.total_steps)
-            if timer_start is not None:
-                timer_start += time.perf_counter() - pause
+            with reporter.paused():
+                checkpointer.save(step, state.to_dict(), dispatched.iterator_state,
+                                  force=step == config.total_steps)
         else:
             result.step = step
+        if pending is not None and reporter.report(pending) and result.status == "finished":
+            result = _stop_nonfinite(checkpointer, state, pending, workdir, config)
+        if result.status != "nonfinite":
+            result.final_loss = reporter.last_loss
 
         checkpointer.close()
         if result.status == "finished" and config.get("export_at_end", True):
@@ -306,6 +296,75 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
         raise NonFiniteLossError(f"stopped at step {result.step}: {config.max_nonfinite_streak} non-finite steps "
                                  f"in a row; state saved in {checkpointer.directory}")
     return result
+
+
+@dataclasses.dataclass
+class _DispatchedStep:
+    step: int
+    device_metrics: dict      # still on the device until the reporter reads them
+    iterator_state: object    # the pipeline position after this step's batches
+    batch: dict               # this step's host batch (kept for the non-finite dump)
+
+
+class _StepReporter:
+    """Reads a step's scalars one step late, so the host never waits for the device between steps.
+
+    The loop dispatches step N+1 before it reads step N's scalars: reading them then blocks only until
+    step N is done, while N+1 is already queued. Writes metrics.jsonl / TensorBoard / the log line, the
+    throughput figures, and says whether the non-finite streak reached `max_nonfinite_streak`
+    (`nonfinite_streak` is a replicated output of the one SPMD step, so every process reads the same
+    value and takes the same decision without an extra collective).
+    """
+
+    def __init__(self, config, writer, batches, tokens_per_step: int, flops_per_step: float, peak_flops: float,
+                 *, run_start_step: int):
+        self._config, self._writer, self._batches = config, writer, batches
+        self._tokens_per_step, self._flops_per_step, self._peak_flops = tokens_per_step, flops_per_step, peak_flops
+        self._run_start_step = run_start_step
+        self._timer_start, self._timed_steps = None, 0
+        self.last_loss = None
+
+    def report(self, done: _DispatchedStep) -> bool:
+        """Record `done`'s scalars; True when the run must stop for non-finite steps."""
+        config, step = self._config, done.step
+        metrics = {k: float(v) for k, v in jax.device_get(done.device_metrics).items()}
+        now = time.perf_counter()
+        if self._timer_start is None:  # the first step compiles: time from the end of it
+            self._timer_start = now
+        else:
+            self._timed_steps += 1
+            seconds_per_step = (now - self._timer_start) / self._timed_steps
+            metrics["tokens_per_second"] = self._tokens_per_step / seconds_per_step
+            metrics["mfu"] = self._flops_per_step / seconds_per_step / self._peak_flops
+            metrics["eta_seconds"] = seconds_per_step * (config.total_steps - step)
+        metrics.update(self._batches.metrics() if hasattr(self._batches, "metrics") else {})
+        self.last_loss = metrics["loss"]
+        log_now = step % config.log_every == 0 or step == config.total_steps or step == self._run_start_step + 1
+        self._writer.write(step, metrics, tensorboard=log_now)
+        if log_now:
+            logger.info(format_log_line(step, config.total_steps, metrics))
+        return metrics["nonfinite_streak"] >= config.max_nonfinite_streak
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Evaluation and checkpoint saving do not count as step time."""
+        pause = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._timer_start is not None:
+                self._timer_start += time.perf_counter() - pause
+
+
+def _stop_nonfinite(checkpointer, state, stopped: _DispatchedStep, workdir: str, config) -> RunResult:
+    """Save `stopped`'s step (its state, which `state` equals: a halted step changes nothing) and batch."""
+    checkpointer.save(stopped.step, state.to_dict(), stopped.iterator_state, force=True)
+    path = os.path.join(workdir, f"nonfinite_step_{stopped.step}.npz")
+    if jax.process_index() == 0:
+        np.savez(path, **stopped.batch)
+    logger.error("%d non-finite steps in a row (max_nonfinite_streak); stopping at step %d with the state saved "
+                 "and the last batch in %s", config.max_nonfinite_streak, stopped.step, path)
+    return RunResult("nonfinite", stopped.step, None, workdir)
 
 
 def _check_whole_rows_per_process(sharding, shape) -> None:

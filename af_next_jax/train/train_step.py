@@ -10,6 +10,10 @@ accelerators) and its remat policy comes from the same config.
 
 A non-finite loss or gradient norm keeps the previous parameters and optimizer state (the update
 is skipped) and bumps `nonfinite_streak` / `nonfinite_total`; the loop stops after N in a row.
+Given `max_nonfinite_streak`, a step that starts from a state whose streak already reached it is
+halted: it returns that state unchanged (step counter included). The loop reads each step's scalars
+one step late, so the step after the stopping one is already running when the loop sees the streak;
+halting it lets the loop save exactly the stopping step's state.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def model_loss_sums(model: AFNextModel, params, batch, *, loss_chunk_length: int
 
 
 def make_train_step(model: AFNextModel, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    trainable, *, loss_chunk_length: int):
+                    trainable, *, loss_chunk_length: int, max_nonfinite_streak: int | None = None):
     """Build `train_step(state, batch) -> (state, metrics)`; `trainable` is a bool tree like params.
 
     Frozen parameters enter the loss through `stop_gradient`, so XLA never computes their weight
@@ -106,6 +110,10 @@ def make_train_step(model: AFNextModel, optimizer: optax.GradientTransformation,
         metrics = {"loss": loss, "accuracy": correct / denominator, "tokens": tokens, "grad_norm": grad_norm,
                    "learning_rate": schedule(applied_updates), "finite": finite.astype(jnp.float32),
                    "nonfinite_streak": streak, "nonfinite_total": new_state.nonfinite_total}
+        if max_nonfinite_streak is not None:
+            halted = state.nonfinite_streak >= max_nonfinite_streak
+            new_state = jax.tree.map(lambda new, old: jnp.where(halted, old, new), new_state, state)
+            metrics["halted"] = halted.astype(jnp.float32)
         return new_state, metrics
 
     return train_step

@@ -38,10 +38,11 @@ def tiny_setup(debug_config):
 
 @pytest.fixture(scope="session")
 def compiled_step(tiny_setup):
-    """jit(train_step) for [2, B, L] batches; the state is not donated so tests can reuse it."""
+    """jit(train_step) for [2, B, L] batches (halting after 2 non-finite steps in a row, as the loop's
+    would); the state is not donated so tests can reuse it."""
     s = tiny_setup
     return jax.jit(make_train_step(s["model"], s["optimizer"], s["schedule"], trainable_mask(s["labels"]),
-                                   loss_chunk_length=64))
+                                   loss_chunk_length=64, max_nonfinite_streak=2))
 
 
 @pytest.fixture(scope="session")

@@ -26,22 +26,40 @@ from trainer_helpers import NUM_WINDOWS, REPO, SEQ_LEN, SyntheticBatches, micro_
 STREAK = 2
 
 
+class ObservedBatches(SyntheticBatches):
+    """Records how many batches the loop had taken each time it read a step's scalars (the loop asks
+    for the pipeline's metrics while reporting a step)."""
+
+    def __init__(self, poison_from=None):
+        super().__init__(poison_from=poison_from)
+        self.taken_at_report: list[int] = []
+
+    def metrics(self) -> dict:
+        self.taken_at_report.append(self.index)
+        return super().metrics()
+
+
+def long_context_config(total_steps: int):
+    return load_config(os.path.join(REPO, "experiments", "long_context_debug.py"), [
+        f"--config.data.seq_len={SEQ_LEN}", f"--config.data.max_windows_per_batch={NUM_WINDOWS}",
+        f"--config.total_steps={total_steps}", "--config.eval_every=0", "--config.checkpoint_every=100",
+        f"--config.max_nonfinite_streak={STREAK}", "--config.loss_chunk_length=64",
+        "--config.peak_flops_per_device=1e11", "--config.export_at_end=False"])
+
+
 @pytest.fixture(scope="module")
 def long_context_run(tmp_path_factory):
     assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
-    config = load_config(os.path.join(REPO, "experiments", "long_context_debug.py"), [
-        f"--config.data.seq_len={SEQ_LEN}", f"--config.data.max_windows_per_batch={NUM_WINDOWS}",
-        "--config.total_steps=10", "--config.eval_every=0", "--config.checkpoint_every=100",
-        f"--config.max_nonfinite_streak={STREAK}", "--config.loss_chunk_length=64",
-        "--config.peak_flops_per_device=1e11", "--config.export_at_end=False"])
+    config = long_context_config(total_steps=10)
     workdir = str(tmp_path_factory.mktemp("long_context"))
+    batches = ObservedBatches(poison_from=2)
     with pytest.raises(NonFiniteLossError) as stopped:
-        train(config, workdir, batches=SyntheticBatches(poison_from=2))
-    return config, workdir, stopped.value
+        train(config, workdir, batches=batches)
+    return config, workdir, stopped.value, batches
 
 
 def test_sequence_parallel_first_step_loss_equals_single_device_loss(long_context_run):
-    config, workdir, _ = long_context_run
+    config, workdir, _, _ = long_context_run
     with open(os.path.join(workdir, "config.json")) as handle:
         mesh = json.load(handle)["mesh"]
     assert (mesh["ring"], mesh["ulysses"], mesh["fsdp"]) == (2, 2, 2)
@@ -57,7 +75,7 @@ def test_sequence_parallel_first_step_loss_equals_single_device_loss(long_contex
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_step_saved(long_context_run):
-    _, workdir, error = long_context_run
+    _, workdir, error, _ = long_context_run
     metrics = read_metrics(workdir)
     stop_step = 2 + STREAK
     assert sorted(metrics) == list(range(1, stop_step + 1))
@@ -66,3 +84,24 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_step_saved(lon
     assert str(stop_step) in os.listdir(os.path.join(workdir, "checkpoints"))
     assert os.path.isfile(os.path.join(workdir, f"nonfinite_step_{stop_step}.npz"))
     assert f"stopped at step {stop_step}" in str(error)
+
+
+def test_the_loop_reads_each_steps_scalars_only_after_dispatching_the_next_step(long_context_run):
+    """No host sync between steps: when step N is reported, step N+1 is dispatched and batch N+2 read."""
+    _, _, _, batches = long_context_run
+    stop_step = 2 + STREAK
+    assert batches.taken_at_report == [step + 2 for step in range(1, stop_step + 1)]
+
+
+def test_resuming_a_run_stopped_for_non_finite_steps_trains_on_from_the_stopping_step(long_context_run):
+    """The saved state is the stopping step's (the halted step after it changed nothing), and resuming
+    resets the streak so that training goes on."""
+    config, workdir, _, _ = long_context_run
+    stop_step = 2 + STREAK
+    result = train(long_context_config(total_steps=stop_step + 2), workdir, batches=SyntheticBatches())
+    metrics = read_metrics(workdir)
+    assert result.status == "finished" and sorted(metrics)[-2:] == [stop_step + 1, stop_step + 2]
+    resumed = [metrics[stop_step + 1], metrics[stop_step + 2]]
+    assert [m["halted"] for m in resumed] == [0.0, 0.0]
+    assert [m["nonfinite_total"] for m in resumed] == [STREAK, STREAK]  # not STREAK + 1: nothing was lost
+    assert resumed[0]["learning_rate"] != resumed[1]["learning_rate"]  # the updates are applied

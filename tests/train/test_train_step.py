@@ -69,6 +69,21 @@ def test_non_finite_loss_skips_the_update_and_is_counted(compiled_step, initial_
     assert (int(state.nonfinite_streak), int(state.nonfinite_total), float(metrics["finite"])) == (0, 1, 1.0)
 
 
+def test_a_step_after_the_streak_limit_is_halted_and_changes_nothing(compiled_step, initial_state):
+    """The loop reads scalars one step late, so the step after the stopping one runs before the loop
+    stops: it must leave the stopping step's state exactly as it was (step counter included)."""
+    poisoned = [micro_batch(seed) for seed in (10, 11, 12, 13)]
+    for batch in poisoned:
+        batch["mel_windows"][0, 0, 0] = np.nan
+    state, _ = compiled_step(initial_state, stack(*poisoned[:2]))
+    state, metrics = compiled_step(state, stack(*poisoned[2:]))
+    assert (int(state.nonfinite_streak), float(metrics["halted"])) == (2, 0.0)  # the limit is reached here
+    after, metrics = compiled_step(state, stack(micro_batch(14), micro_batch(15)))  # finite, but too late
+    assert float(metrics["halted"]) == 1.0
+    for before_leaf, after_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(before_leaf, after_leaf)
+
+
 def test_eval_step_reports_masked_loss_and_accuracy_of_the_full_logits(tiny_setup, initial_state):
     """Reference: the model's full logits, log-softmax, and argmax over the loss-masked tokens."""
     model, params, batch = tiny_setup["model"], initial_state.params, micro_batch(3)
