@@ -16,9 +16,10 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/pip install -q -e .
 	touch $@
 
-# The tpu extra (libtpu) lets the tests compile for TPU topologies on this CPU host (tests/compile).
+# The tpu extra (libtpu) lets the tests compile for TPU topologies on this CPU host (tests/compile); beam builds
+# the ArrayRecord shards (tests/data/test_shards*.py); notebooks re-executes notebooks/ (tests/notebooks).
 $(VENV)/.installed-test: $(VENV)/.installed setup.py
-	$(VENV)/bin/pip install -q -e ".[test,tpu]"
+	$(VENV)/bin/pip install -q -e ".[test,tpu,beam,notebooks]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -33,6 +33,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.24", "tiktoken>=0.7"],
+        # `python -m af_next_jax.data build-shards` (Apache Beam; DirectRunner here, any runner at scale) and
+        # `from-hf-dataset` (parquet through pyarrow). Training and inference never import Beam.
+        "beam": ["apache-beam>=2.77.0", "pyarrow>=14"],
+        # Executing and plotting the notebooks/ ablations (tests/notebooks re-runs them with small steps).
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
         # TPU VMs, and any host that compiles for a TPU topology (`python -m af_next_jax.compile`):
         # jax's own extra pins the libtpu that matches the installed jax.
         "tpu": ["jax[tpu]"],

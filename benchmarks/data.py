@@ -1,11 +1,15 @@
 """Data pipeline speed: log-mel vs transformers' WhisperFeatureExtractor, and end-to-end batches.
 
-    python benchmarks/data.py [--clips 8] [--batches 12]
+    python benchmarks/data.py [--clips 8] [--batches 12] [--only features|pipeline|shards]
 
 Features: 30 s windows of synthetic audio, one thread each (OMP/BLAS/torch pinned to 1 thread), so
 the figure is audio hours featurised per second per core. Pipeline: the demo dataset through
 `make_batch_iterator` with the debug experiment's shapes (tiny preset, seq_len 512, 4 rows, 8 windows),
 with 0 and 2 worker processes. Prints the markdown tables recorded in docs/PERFORMANCE.md.
+
+Shards (benchmarks/data_shards.py, recorded in docs/DATA.md): the same examples read from ArrayRecord
+shards and from JSONL + wav files, side by side; the DirectRunner build rate per core; bytes per
+audio hour.
 """
 
 import os
@@ -139,10 +143,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=8, help="30 s clips for the feature benchmark")
     parser.add_argument("--batches", type=int, default=12, help="timed batches per pipeline setting")
+    parser.add_argument("--shard-clips", type=int, default=96, help="demo clips (10-20 s) for the shard tables")
+    parser.add_argument("--only", choices=("features", "pipeline", "shards"), default=None)
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible\n")
-    print("\n".join(feature_table(args.clips)) + "\n")
-    print("\n".join(pipeline_table(args.batches)))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    if args.only in (None, "features"):
+        print("\n".join(feature_table(args.clips)) + "\n")
+    if args.only in (None, "pipeline"):
+        print("\n".join(pipeline_table(args.batches)) + "\n")
+    if args.only in (None, "shards"):
+        from data_shards import shard_tables
+
+        print("\n\n".join("\n".join(table) for table in shard_tables(args.shard_clips, args.batches)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 Data-only dependencies (grain, librosa, soundfile, sentencepiece, tokenizers) are imported only
 inside this package; the model and kernels never import it. Entry points: `DataConfig`,
-`make_batch_iterator`, `load_tokenizer`; the CLI is `python -m af_next_jax.data {inspect,make-demo}`.
+`make_batch_iterator`, `load_tokenizer`; the CLI is
+`python -m af_next_jax.data {inspect,make-demo,build-shards,from-hf-dataset}`. ArrayRecord shards
+(built by an Apache Beam pipeline, build_shards.py) are read beside manifests; Beam itself is only
+imported by `build-shards`.
 """
 
 from af_next_jax.data.pipeline import BatchIterator, DataConfig, SkipThresholdExceeded, make_batch_iterator

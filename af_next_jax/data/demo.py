@@ -7,7 +7,9 @@ Questions ask what happens when, in three forms: instruct ("The beep starts at 2
 trained on the demo text (well under the tiny model's 1024 ids) is written next to the manifests.
 
 Sized for the quickstart: the tiny model (5 s windows, 125 audio tokens) at seq_len 512-1024 sees
-each clip as 1-2 windows and a 40-90 token conversation.
+each clip as 1-2 windows and a 40-90 token conversation. With `--long-clip-windows W` (opt-in, a
+separate folder) every clip spans 2..W windows with its events in any window instead
+(notebooks/rote_ablation.ipynb).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-from af_next_jax.config import SAMPLE_RATE
+from af_next_jax.config import SAMPLE_RATE, tiny
 from af_next_jax.data.tokenizer import PAD_CANDIDATES, SPECIAL_TOKENS
 
 PITCHES = {"low": 330.0, "mid": 880.0, "high": 2200.0}
@@ -62,17 +64,7 @@ def _make_clip(rng: np.random.Generator, word_audio: dict) -> tuple[np.ndarray, 
     first_kind, second_kind = ("beep", "noise") if rng.random() < 0.5 else ("noise", "beep")
     starts = {first_kind: round(float(rng.uniform(0.2, duration / 2 - lengths[first_kind])), 1),
               second_kind: round(float(rng.uniform(duration / 2, duration - lengths[second_kind] - 0.1)), 1)}
-    beep_start, noise_start = starts["beep"], starts["noise"]
-    beep_length, noise_length = lengths["beep"], lengths["noise"]
-    events = {"duration": duration, "pitch": pitch, "beep": [beep_start, round(beep_start + beep_length, 1)],
-              "noise": [noise_start, round(noise_start + noise_length, 1)]}
-    t = np.arange(int(beep_length * SAMPLE_RATE)) / SAMPLE_RATE
-    envelope = np.minimum(1.0, np.minimum(t, beep_length - t) / 0.01)  # 10 ms ramps, no clicks
-    first = int(beep_start * SAMPLE_RATE)
-    samples[first:first + len(t)] += (0.4 * envelope * np.sin(2 * np.pi * PITCHES[pitch] * t)).astype(np.float32)
-    first = int(noise_start * SAMPLE_RATE)
-    samples[first:first + int(noise_length * SAMPLE_RATE)] += (
-        0.3 * rng.standard_normal(int(noise_length * SAMPLE_RATE))).astype(np.float32)
+    events = _add_beep_and_noise(rng, samples, duration, pitch, starts, lengths)
     if word_audio:
         word = str(rng.choice(list(word_audio)))
         speech = word_audio[word][: int(1.2 * SAMPLE_RATE)]
@@ -85,6 +77,49 @@ def _make_clip(rng: np.random.Generator, word_audio: dict) -> tuple[np.ndarray, 
             first = int(word_start * SAMPLE_RATE)
             samples[first:first + len(speech)] += speech
             events["word"] = {"text": word, "span": [word_start, round(word_start + len(speech) / SAMPLE_RATE, 1)]}
+    return np.clip(samples, -1.0, 1.0), events
+
+
+def _add_beep_and_noise(rng: np.random.Generator, samples: np.ndarray, duration: float, pitch: str,
+                        starts: dict, lengths: dict) -> dict:
+    """Adds the beep and the noise burst to `samples` in place; returns the clip's events."""
+    beep_start, noise_start = starts["beep"], starts["noise"]
+    beep_length, noise_length = lengths["beep"], lengths["noise"]
+    events = {"duration": duration, "pitch": pitch, "beep": [beep_start, round(beep_start + beep_length, 1)],
+              "noise": [noise_start, round(noise_start + noise_length, 1)]}
+    t = np.arange(int(beep_length * SAMPLE_RATE)) / SAMPLE_RATE
+    envelope = np.minimum(1.0, np.minimum(t, beep_length - t) / 0.01)  # 10 ms ramps, no clicks
+    first = int(beep_start * SAMPLE_RATE)
+    samples[first:first + len(t)] += (0.4 * envelope * np.sin(2 * np.pi * PITCHES[pitch] * t)).astype(np.float32)
+    first = int(noise_start * SAMPLE_RATE)
+    samples[first:first + int(noise_length * SAMPLE_RATE)] += (
+        0.3 * rng.standard_normal(int(noise_length * SAMPLE_RATE))).astype(np.float32)
+    return events
+
+
+def _make_long_clip(rng: np.random.Generator, max_windows: int, window_seconds: float) -> tuple[np.ndarray, dict]:
+    """A clip of 2..max_windows encoder windows with each event in a window drawn independently.
+
+    Events land in any window (both may share one), so an onset can only be stated by reading the
+    time across window boundaries: what RoTE's window axis encodes. No spoken word (the ablation is
+    about event times).
+    """
+    windows = int(rng.integers(2, max_windows + 1))
+    # The last window is at least half full, so the clip really spans `windows` windows.
+    duration = round(float(rng.uniform((windows - 0.5) * window_seconds, windows * window_seconds - 0.1)), 1)
+    samples = (0.003 * rng.standard_normal(int(duration * SAMPLE_RATE))).astype(np.float32)
+    pitch = str(rng.choice(list(PITCHES)))
+    lengths = {"beep": float(rng.choice([0.3, 0.5, 0.8])), "noise": float(rng.choice([0.3, 0.5]))}
+    starts = {}
+    while not starts or abs(starts["beep"] - starts["noise"]) < 1.0:  # the events never overlap
+        for kind in ("beep", "noise"):
+            window = int(rng.integers(0, windows))
+            window_end = min((window + 1) * window_seconds, duration - 0.1)
+            low = window * window_seconds + (0.2 if window == 0 else 0.0)
+            starts[kind] = round(float(rng.uniform(low, window_end - lengths[kind])), 1)
+    events = _add_beep_and_noise(rng, samples, duration, pitch, starts, lengths)
+    events["windows"] = windows
+    events["window_seconds"] = window_seconds
     return np.clip(samples, -1.0, 1.0), events
 
 
@@ -139,18 +174,33 @@ def train_demo_tokenizer(texts: list[str], path: str, vocab_size: int = DEMO_VOC
     tokenizer.save(path)
 
 
-def make_demo(out_dir: str, num_train_clips: int = 48, num_heldout_clips: int = 12, seed: int = 0) -> dict:
-    """Write clips/, train.jsonl, heldout.jsonl, events.json and tokenizer.json under `out_dir`."""
+def make_demo(out_dir: str, num_train_clips: int = 48, num_heldout_clips: int = 12, seed: int = 0,
+              long_clip_windows: int = 0) -> dict:
+    """Write clips/, train.jsonl, heldout.jsonl, events.json and tokenizer.json under `out_dir`.
+
+    `long_clip_windows` = W >= 2 makes every clip long instead: 2..W of the tiny model's windows, each
+    event in any window (the RoTE ablation's data; `make-demo --long-clip-windows W`). 0, the default,
+    writes the short quickstart clips that `make run` trains on.
+    """
     import soundfile
 
+    if long_clip_windows != 0 and not 2 <= long_clip_windows <= tiny().max_windows_per_audio:
+        raise ValueError(f"long_clip_windows must be 0 (short clips) or 2..{tiny().max_windows_per_audio} "
+                         f"(the tiny model's max_windows_per_audio), got {long_clip_windows}")
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
-    word_audio = {word: audio for word in WORDS if (audio := _synthesize_word(word)) is not None}
+    if long_clip_windows:
+        window_seconds = tiny().encoder.window_seconds
+        word_audio = {}
+        make_clip = lambda: _make_long_clip(rng, long_clip_windows, window_seconds)  # noqa: E731
+    else:
+        word_audio = {word: audio for word in WORDS if (audio := _synthesize_word(word)) is not None}
+        make_clip = lambda: _make_clip(rng, word_audio)  # noqa: E731
     all_events, texts, counts = {}, [SYSTEM_PROMPT, "system", "user", "assistant"], {}
     for split, num_clips in (("train", num_train_clips), ("heldout", num_heldout_clips)):
         lines = []
         for clip_number in range(num_clips):
-            samples, events = _make_clip(rng, word_audio)
+            samples, events = make_clip()
             clip = f"clips/{split}_{clip_number:03d}.wav"
             soundfile.write(os.path.join(out_dir, clip), samples, SAMPLE_RATE, subtype="PCM_16")
             all_events[clip] = events
@@ -166,4 +216,4 @@ def make_demo(out_dir: str, num_train_clips: int = 48, num_heldout_clips: int = 
     train_demo_tokenizer(texts, os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "events.json"), "w", encoding="utf-8") as events_file:
         json.dump(all_events, events_file, indent=1)
-    return {"out": out_dir, "spoken_words": bool(word_audio), **counts}
+    return {"out": out_dir, "spoken_words": bool(word_audio), "long_clip_windows": long_clip_windows, **counts}

@@ -1,4 +1,4 @@
-"""The training input pipeline: manifests -> prepared examples -> packed, sharded, resumable batches.
+"""The training input pipeline: manifests or shards -> prepared examples -> packed, sharded, resumable batches.
 
     data_config = DataConfig(manifests=("train.jsonl",), tokenizer="tokenizer.json", seq_len=1024)
     tokenizer = load_tokenizer(data_config.tokenizer)
@@ -8,7 +8,8 @@
     metrics.update(batches.metrics())       # skip counts by reason, skip fraction, examples
     state = batches.get_state()             # bytes; batches.set_state(state) resumes exactly
 
-Grain graph (one per host): per manifest `MapDataset` of lines -> host shard -> seeded shuffle
+Grain graph (one per host): per manifest `MapDataset` of lines (per shard pattern, of ArrayRecord
+records: shard_source.py) -> host shard -> seeded shuffle
 (reshuffled each epoch) -> repeat; weighted `mix` of the manifests; `map(prepare)` (load, resample,
 window, log-mel, tokenise; a bad line becomes a counted skip record); packing; optional
 `mp_prefetch` worker processes. Everything before packing is index-addressed, so the iterator
@@ -29,8 +30,9 @@ from af_next_jax.config import ModelConfig, encoder_tokens_for_frames
 from af_next_jax.data import audio as audio_lib
 from af_next_jax.data.conversation import encode_conversation, uses_audio_markers
 from af_next_jax.data.features import log_mel_windows, valid_frames_for_samples
-from af_next_jax.data.manifest import SKIP_REASONS, ManifestError, parse_line
+from af_next_jax.data.manifest import SKIP_REASONS, Example, ManifestError, parse_line
 from af_next_jax.data.packing import STAT_NAMES, STATS_KEY, PackedBatchIterDataset
+from af_next_jax.data.shard_format import SHARD_SUFFIX, is_shard_pattern
 from af_next_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -40,9 +42,11 @@ logger = logging.getLogger(__name__)
 class DataConfig:
     """Everything the input pipeline needs besides the model config."""
 
+    # Data sources: JSONL manifests and/or ArrayRecord shard patterns ("shards/train-*.array_record",
+    # local or gs://), read the same way; several sources form a mixture.
     manifests: tuple[str, ...]
     tokenizer: str
-    weights: tuple[float, ...] | None = None  # mixture weights, one per manifest (None = equal)
+    weights: tuple[float, ...] | None = None  # mixture weights, one per source (None = equal)
     seq_len: int = 1024
     batch_size: int = 8
     max_windows_per_batch: int = 16  # static W of mel_windows
@@ -59,7 +63,12 @@ class DataConfig:
 
     def __post_init__(self):
         if isinstance(self.manifests, str) or not self.manifests:
-            raise ValueError(f"manifests must be a non-empty tuple of paths, got {self.manifests!r}")
+            raise ValueError(f"manifests must be a non-empty tuple of manifest paths or shard patterns, "
+                             f"got {self.manifests!r}")
+        for entry in self.manifests:
+            if not isinstance(entry, str) or ("*" in entry and not is_shard_pattern(entry)):
+                raise ValueError(f"data source {entry!r}: a glob must name ArrayRecord shards "
+                                 f"('DIR/train-*{SHARD_SUFFIX}'); a manifest is one .jsonl path")
         if self.weights is not None and (len(self.weights) != len(self.manifests) or min(self.weights) <= 0):
             raise ValueError(f"weights must be {len(self.manifests)} positive numbers (one per manifest), "
                              f"got {self.weights}")
@@ -95,12 +104,27 @@ class ExamplePreparer:
     max_windows_per_audio: int
     max_windows_per_batch: int
 
-    def __call__(self, record: tuple[str, int, str]) -> dict:
-        manifest_path, line_number, line = record
+    def __call__(self, record: tuple[str, int, str | bytes]) -> dict:
+        """`(manifest, line number, line)` or `(shard file, position, record bytes)` -> prepared example.
+
+        An unusable example becomes a counted skip; a shard record that cannot be decoded raises
+        `ShardReadError` naming the file (a corrupt shard is a storage fault, not a data problem).
+        """
+        source, number, payload = record
+        if isinstance(payload, bytes):  # a shard record: text and 16 kHz audio, decoded
+            example, samples, header = _decode_shard_record(source, number, payload)
+            line_number = header["source"]["line"]
+            where = f"record {number} of {source} (line {line_number} of {header['source']['manifest']})"
+        else:  # a manifest line: parsed here, audio loaded from its files
+            line_number, where = number, f"{source}:{number}"
         try:
-            return self.prepare(line, os.path.dirname(os.path.abspath(manifest_path)), line_number)
+            if isinstance(payload, bytes):
+                return self.prepare_example(example, lambda index, ref: samples[index], line_number)
+            example = parse_line(payload, os.path.dirname(os.path.abspath(source)), number)
+            return self.prepare_example(example, lambda index, ref: audio_lib.load_audio(ref.path, ref.start, ref.end),
+                                        line_number)
         except (ManifestError, audio_lib.AudioError) as error:
-            logger.warning("skipping %s:%d (%s): %s", manifest_path, line_number, error.reason, error)
+            logger.warning("skipping %s (%s): %s", where, error.reason, error)
             return {"skip": error.reason}
 
     @property
@@ -120,10 +144,19 @@ class ExamplePreparer:
 
     def prepare(self, line: str, base_dir: str, line_number: int = 0) -> dict:
         example = parse_line(line, base_dir, line_number)
+        return self.prepare_example(example, lambda index, ref: audio_lib.load_audio(ref.path, ref.start, ref.end),
+                                    line_number)
+
+    def prepare_example(self, example: Example, load_samples, line_number: int = 0) -> dict:
+        """Window, featurise and tokenise a parsed example; `load_samples(index, ref)` gives its audio.
+
+        Manifests load from the audio files, shards decode the record: one code path after that, so
+        both give the same example (and the same skips) for the same data.
+        """
         encoder = self.model_config.encoder
         audio_windows, valid, token_counts, truncated = [], [], [], 0
-        for ref in example.audio:
-            samples = audio_lib.load_audio(ref.path, ref.start, ref.end)
+        for index, ref in enumerate(example.audio):
+            samples = load_samples(index, ref)
             windows = audio_lib.split_windows(samples, encoder, self.max_windows_per_audio)
             frames_W = valid_frames_for_samples(windows.num_samples_W, encoder.mel_frames_per_window)
             tokens_W = encoder_tokens_for_frames(frames_W)
@@ -168,20 +201,45 @@ def _host_index_and_count(data_config: DataConfig) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def _decode_shard_record(shard: str, position: int, record: bytes):
+    from af_next_jax.data.shard_format import ShardFormatError, decode_example
+    from af_next_jax.data.shard_source import ShardReadError
+
+    try:
+        return decode_example(record)
+    except ShardFormatError as error:
+        raise ShardReadError(f"record {position} of shard {shard} is corrupt: {error}") from None
+
+
+def source_records(entry: str):
+    """The records of one data source: a manifest's non-blank `(manifest, line number, line)`s, or a
+    `ShardSource` of `(shard file, position, record)` for an ArrayRecord pattern (same order as the
+    manifest it was built from)."""
+    if is_shard_pattern(entry):
+        from af_next_jax.data.shard_source import ShardSource
+
+        return ShardSource(entry)
+    with open(entry, encoding="utf-8") as manifest_file:
+        return [(entry, number, line) for number, line in enumerate(manifest_file.read().splitlines(), 1)
+                if line.strip()]
+
+
 def manifest_records(data_config: DataConfig) -> grain.MapDataset:
-    """This host's `(manifest, line_number, line)` records: sharded, shuffled per epoch, repeated, mixed."""
+    """This host's records of every source: sharded, shuffled per epoch, repeated, mixed.
+
+    Manifests and shard sets go through the same steps with the same seeds, so shards built from a
+    manifest (with nothing skipped) give the very same sequence of examples.
+    """
     host, hosts = _host_index_and_count(data_config)
     if not 0 <= host < hosts:
         raise ValueError(f"process_index {host} must lie in [0, process_count={hosts})")
     sources = []
     for manifest_number, manifest in enumerate(data_config.manifests):
-        with open(manifest, encoding="utf-8") as manifest_file:
-            records = [(manifest, number, line) for number, line in enumerate(manifest_file.read().splitlines(), 1)
-                       if line.strip()]
-        # Shard before shuffling: each host owns a fixed, disjoint stride of every manifest.
+        records = source_records(manifest)
+        # Shard before shuffling: each host owns a fixed, disjoint stride of every source.
         shard = grain.MapDataset.source(records)[host::hosts]
         if len(shard) == 0:
-            raise ValueError(f"manifest {manifest} has {len(records)} examples: too few for host {host} of {hosts}")
+            raise ValueError(f"data source {manifest} has {len(records)} examples: too few for host {host} of {hosts}")
         if data_config.shuffle:
             # Shuffle before repeat: grain then reseeds the permutation each epoch.
             shard = shard.shuffle(seed=(data_config.seed * 1_000_003 + manifest_number) % 2**32)

@@ -84,10 +84,17 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
 
 
 def model_config_from(config: ml_collections.ConfigDict, tokenizer_ids: dict | None = None) -> ModelConfig:
-    """`config.model`: `preset` plus field overrides; `encoder`/`decoder`/... sub-dicts override parts."""
+    """`config.model`: `preset` plus field overrides; `encoder`/`decoder`/... sub-dicts override parts.
+
+    `config.model.rote = None` switches RoTE off: the preset's model without rotary time embeddings,
+    i.e. the Audio Flamingo 3 architecture (which also drops the <|sound_bos|>/<|sound_eos|> markers
+    around each audio, data/conversation.py). notebooks/rote_ablation.ipynb trains the tiny model both ways.
+    """
     fields = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
     model = preset(fields.pop("preset"))
     parts = {}
+    if "rote" in fields and fields["rote"] is None:
+        parts["rote"] = fields.pop("rote")
     for part in MODEL_PARTS:
         changes = fields.pop(part, None)
         if changes:

@@ -7,8 +7,6 @@ one reuses `compiled_step` (2 micro-batches of gradient accumulation, stage `ful
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -50,11 +48,4 @@ def initial_state(tiny_setup):
     s = tiny_setup
     return jax.jit(lambda p: new_train_state(p, s["optimizer"], jax.random.PRNGKey(1)))(s["params"])
 
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    """The bundled demo dataset (generated, ~1 s)."""
-    out = tmp_path_factory.mktemp("demo") / "demo_data"
-    subprocess.run([sys.executable, "-m", "af_next_jax.data", "make-demo", "--out", str(out),
-                    "--train-clips", "16", "--heldout-clips", "4"], check=True, cwd=REPO, capture_output=True)
-    return str(out)
+# `demo_data` (the bundled demo dataset) is a session fixture of tests/conftest.py.

@@ -12,33 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from af_next_jax.train.metrics import read_metrics
+from debug_run import TOTAL_STEPS, environment, train_command
 from trainer_helpers import REPO
-
-# Headroom for the SIGTERM: the kill waits for step 3's asynchronous save, so on a loaded machine the killed
-# run may log up to ~8 steps first, and the SIGTERM goes 2 steps after that (with 9 steps the run could
-# finish before it arrived).
-TOTAL_STEPS = 15
-
-
-def _command(workdir: str, demo_data: str) -> list[str]:
-    return [sys.executable, "-m", "af_next_jax.train", "--config", "experiments/debug.py", "--workdir", workdir,
-            f"--config.data.dir={demo_data}", f"--config.total_steps={TOTAL_STEPS}", "--config.data.batch_size=2",
-            "--config.data.max_windows_per_batch=6", "--config.checkpoint_every=3", "--config.eval_every=0",
-            "--config.log_every=1", "--config.peak_flops_per_device=1e11"]
-
-
-def _environment(cache_dir: str) -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, like the README's main job
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    return env
 
 
 def _steps_done(workdir: str) -> int:
@@ -72,19 +52,19 @@ def _run_until(command, env, workdir: str, step: int, sig: int, timeout: float =
 
 
 @pytest.fixture(scope="module")
-def runs(demo_data, tmp_path_factory):
+def runs(debug_run, tmp_path_factory):
+    """The reference is the session's debug run (tests/conftest.py), shared with the CLI tests."""
     root = tmp_path_factory.mktemp("resume")
-    env = _environment(str(root / "compilation_cache"))
-    reference, interrupted = str(root / "reference"), str(root / "interrupted")
-    subprocess.run(_command(reference, demo_data), cwd=REPO, env=env, check=True, capture_output=True)
-    killed_rc = _run_until(_command(interrupted, demo_data), env, interrupted, 4, signal.SIGKILL,
+    demo_data, env = debug_run["demo_data"], environment(debug_run["cache_dir"])
+    reference, interrupted = debug_run["workdir"], str(root / "interrupted")
+    killed_rc = _run_until(train_command(interrupted, demo_data), env, interrupted, 4, signal.SIGKILL,
                            finished_checkpoint=3)
     steps_at_kill = _steps_done(interrupted)
     checkpoints_at_kill = sorted(os.listdir(os.path.join(interrupted, "checkpoints")))
-    terminated_rc = _run_until(_command(interrupted, demo_data), env, interrupted, steps_at_kill + 2, signal.SIGTERM)
+    terminated_rc = _run_until(train_command(interrupted, demo_data), env, interrupted, steps_at_kill + 2, signal.SIGTERM)
     with open(os.path.join(interrupted, "train.log")) as log:
         preempted_log = log.read()
-    final = subprocess.run(_command(interrupted, demo_data), cwd=REPO, env=env, capture_output=True, text=True)
+    final = subprocess.run(train_command(interrupted, demo_data), cwd=REPO, env=env, capture_output=True, text=True)
     return dict(reference=reference, interrupted=interrupted, killed_rc=killed_rc, steps_at_kill=steps_at_kill,
                 checkpoints_at_kill=checkpoints_at_kill, terminated_rc=terminated_rc, preempted_log=preempted_log,
                 final=final)
