@@ -114,8 +114,12 @@ def _setup_logging(workdir: str) -> None:
     name = "train.log" if index == 0 else f"train.process_{index}.log"
     path = os.path.abspath(os.path.join(workdir, name))
     tag = f"[process {index}/{count}] " if count > 1 else ""
-    if not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
+    for handler in [h for h in root.handlers if getattr(h, "af_next_train_log", None) not in (None, path)]:
+        root.removeHandler(handler)  # an earlier run's log in this process (a notebook trains several runs)
+        handler.close()
+    if not any(getattr(h, "af_next_train_log", None) == path for h in root.handlers):
         handler = logging.FileHandler(path)
+        handler.af_next_train_log = path
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"))
         root.addHandler(handler)
     if not any(type(h) is logging.StreamHandler for h in root.handlers):
