@@ -1,5 +1,9 @@
 """af-next-jax: JAX/Flax training stack for AF-Next-style audio-language models."""
 
-from af_next_jax.config import ModelConfig, preset
+from af_next_jax.xla_cpu_options import apply_xla_cpu_options
+
+apply_xla_cpu_options()  # before any JAX computation: XLA reads its flags when the first backend starts
+
+from af_next_jax.config import ModelConfig, preset  # noqa: E402
 
 __all__ = ["ModelConfig", "preset"]

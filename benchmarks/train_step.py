@@ -23,21 +23,26 @@ import time
 import numpy as np
 
 
-def _interleaved_median_seconds(steps_by_name: dict, repeats: int) -> dict:
-    """Median wall time of each step function, alternating them so both see the same machine load."""
+def _interleaved_median_seconds(steps_by_name: dict, repeats: int) -> tuple[dict, dict]:
+    """Median wall and process CPU time of each step function, alternating them so both see the same
+    machine load. CPU time counts every thread of this process (PyTorch's spinning OpenMP threads too);
+    on a shared machine it is the steadier of the two."""
     for step in steps_by_name.values():  # compile / warm up
         step()
         step()
-    times = {name: [] for name in steps_by_name}
+    wall, cpu = {name: [] for name in steps_by_name}, {name: [] for name in steps_by_name}
     for _ in range(repeats):
         for name, step in steps_by_name.items():
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             step()
-            times[name].append(time.perf_counter() - started)
-    return {name: float(np.median(values)) for name, values in times.items()}
+            wall[name].append(time.perf_counter() - started)
+            cpu[name].append(time.process_time() - started_cpu)
+    median = lambda times: {name: float(np.median(values)) for name, values in times.items()}  # noqa: E731
+    return median(wall), median(cpu)
 
 
-def make_jax_step(config, batch):
+def build_jax_train_step(config, batch):
+    """(jitted train_step, initial state, batch with the micro-batch axis): what `make_jax_step` times."""
     import jax
 
     from af_next_jax.model.af_next import AFNextModel
@@ -55,6 +60,13 @@ def make_jax_step(config, batch):
     train_step = jax.jit(make_train_step(model, optimizer, schedule, trainable_mask(labels),
                                          loss_chunk_length=experiment.loss_chunk_length), donate_argnums=(0,))
     step_batch = jax.device_put({name: value[None] for name, value in batch.items()})
+    return train_step, state, step_batch
+
+
+def make_jax_step(config, batch):
+    import jax
+
+    train_step, state, step_batch = build_jax_train_step(config, batch)
     holder = {"state": state}
 
     def step():
@@ -64,7 +76,8 @@ def make_jax_step(config, batch):
     return step
 
 
-def make_torch_step(config, batch, threads: int):
+def build_torch_training(config, batch):
+    """(transformers model in train mode, its inputs with labels, AdamW): what `make_torch_step` runs."""
     import torch
     import transformers
 
@@ -81,6 +94,13 @@ def make_torch_step(config, batch, threads: int):
     labels = np.full(batch["token_ids"].shape, -100, np.int64)
     labels[:, 1:] = np.where(batch["loss_mask"][:, :-1] > 0, batch["target_ids"][:, :-1], -100)
     inputs["labels"] = torch.from_numpy(labels)
+    return model, inputs, optimizer
+
+
+def make_torch_step(config, batch, threads: int):
+    import torch
+
+    model, inputs, optimizer = build_torch_training(config, batch)
 
     def step():
         torch.set_num_threads(threads)
@@ -93,6 +113,18 @@ def make_torch_step(config, batch, threads: int):
     return step
 
 
+def benchmark_batch(batch_size: int, seq_len: int, windows: int):
+    """(tiny config, the synthetic batch both frameworks train on)."""
+    from af_next_jax.config import tiny
+    from af_next_jax.model.synthetic import synthetic_batch
+
+    config = tiny()
+    per_row = max(1, windows // batch_size)
+    batch = synthetic_batch(config, audio_frames_per_example=[[config.encoder.mel_frames_per_window] * per_row]
+                            * batch_size, seq_len=seq_len, num_windows=windows)
+    return config, batch
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
@@ -101,32 +133,27 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from af_next_jax.config import tiny
-    from af_next_jax.model.synthetic import synthetic_batch
-
-    config = tiny()
-    per_row = max(1, args.windows // args.batch)
-    batch = synthetic_batch(config, audio_frames_per_example=[[config.encoder.mel_frames_per_window] * per_row]
-                            * args.batch, seq_len=args.seq_len, num_windows=args.windows)
+    config, batch = benchmark_batch(args.batch, args.seq_len, args.windows)
     tokens = args.batch * args.seq_len
     steps = {"jax": make_jax_step(config, batch)}
     thread_counts = sorted({1, os.cpu_count()})
     steps.update({f"torch{threads}": make_torch_step(config, batch, threads) for threads in thread_counts})
-    seconds = _interleaved_median_seconds(steps, args.steps)
+    seconds, cpu_seconds = _interleaved_median_seconds(steps, args.steps)
     ours = seconds["jax"]
     reference = min(seconds[f"torch{threads}"] for threads in thread_counts)
     print(f"tiny preset, batch {args.batch} x {args.seq_len} tokens, {args.windows} windows of "
           f"{config.encoder.window_seconds:.0f} s; median of {args.steps} alternating steps; "
           f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
           f"Python {sys.version.split()[0]}\n")
-    print("| train step | ms / step | tokens / s | speed-up |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| train step | ms / step | tokens / s | speed-up | CPU ms / step |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for threads in thread_counts:
         torch_seconds = seconds[f"torch{threads}"]
         print(f"| PyTorch transformers MusicFlamingo (sdpa, AdamW), {threads} thread(s) | "
-              f"{1e3 * torch_seconds:.0f} | {tokens / torch_seconds:,.0f} | {reference / torch_seconds:.2f}x |")
-    print(f"| af-next-jax `train_step` (jit, chunked CE, AdamW), XLA threads | {1e3 * ours:.0f} | {tokens / ours:,.0f} | "
-          f"{reference / ours:.2f}x |")
+              f"{1e3 * torch_seconds:.0f} | {tokens / torch_seconds:,.0f} | {reference / torch_seconds:.2f}x | "
+              f"{1e3 * cpu_seconds[f'torch{threads}']:.0f} |")
+    print(f"| af-next-jax `train_step` (jit, chunked CE, AdamW), XLA threads | {1e3 * ours:.0f} | "
+          f"{tokens / ours:,.0f} | {reference / ours:.2f}x | {1e3 * cpu_seconds['jax']:.0f} |")
     return 0
 
 

@@ -8,8 +8,11 @@ states the convention, including the fully masked row). `implementation` is an `
 
 from __future__ import annotations
 
+import jax
+
 from af_next_jax.attention.kernel_over_mesh import kernel_per_shard
 from af_next_jax.attention.platform import AttentionChoice, resolve_kernel
+from af_next_jax.attention.recompute import recompute_attention
 from af_next_jax.attention.reference import xla_attention
 from af_next_jax.attention.sequence_parallel import sequence_parallel_attention
 from af_next_kernels import flash_attention as flash_module
@@ -26,10 +29,18 @@ def dot_product_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, *, causal: 
         raise ValueError("pass both segment_ids_q_BxL and segment_ids_kv_BxS, or neither")
     choice = AttentionChoice.from_legacy(implementation)
     masks = dict(causal=causal, segment_ids_q_BxL=segment_ids_q_BxL, segment_ids_kv_BxS=segment_ids_kv_BxS)
+    # Named so profiles (benchmarks/train_step_profile.py) can tell attention from the projections around it.
+    with jax.named_scope("attention"):
+        return _dispatch(choice, query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, masks)
+
+
+def _dispatch(choice: AttentionChoice, query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, masks):
     if choice.sequence_parallelism != "none":
         return sequence_parallel_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD,
                                            implementation=choice.sequence_parallelism,
                                            block_implementation=choice.kernel, **masks)
     if resolve_kernel(choice.kernel) == "pallas":
         return kernel_per_shard(flash_module.flash_attention, query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, **masks)
-    return xla_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, **masks)
+    if query_BxLxHxD.shape[1] == 1:  # one decoding step: no [L, S] residual to avoid, nothing differentiated
+        return xla_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, **masks)
+    return recompute_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, **masks)

@@ -1,7 +1,7 @@
 """Attention that materialises the [L, S] scores: the XLA kernel and the ground truth for the others.
 
-`xla_attention` is the production XLA path (the "xla" kernel) and the reference every other path is
-tested against; `reference_attention` also returns the LSE and computes in float64 when given
+`xla_attention` is the "xla" kernel of a decoding step (one query row) and the reference every other
+path is tested against (training shapes run recompute.py, which equals it without saving the scores); `reference_attention` also returns the LSE and computes in float64 when given
 float64 inputs (the kernels' tests use it as ground truth). Both follow masking.py's convention.
 """
 

@@ -1,7 +1,8 @@
 """A fully masked row (a query that sees no key) behaves the same in every attention path.
 
 The convention (af_next_jax/attention/masking.py): output exactly 0, lse EMPTY_ROW_LSE, gradient 0,
-and no contribution to any key's gradient. Checked for the XLA kernel, the float ground truth, the
+and no contribution to any key's gradient. Checked for the XLA kernel (the materialising reference and
+the training path that recomputes the scores), the float ground truth, the
 plain-JAX block, the Pallas kernel (interpreted), and ring / Ulysses with both block kernels, on
 the two shapes that produce such rows: queries whose segment id no key has (packing) and an encoder
 padding window (every key invalid). Everything else must equal the ground truth.
@@ -60,6 +61,7 @@ def _sequence_parallel(strategy, block_kernel):
 
 PATHS = {
     "xla": lambda q, k, v: xla_attention(q, k, v, **MASKS),
+    "xla_training": lambda q, k, v: dot_product_attention(q, k, v, implementation="xla", **MASKS),
     "ground_truth": lambda q, k, v: reference_attention(q, k, v, **MASKS)[0],
     "blockwise": _blockwise,
     "pallas": lambda q, k, v: dot_product_attention(q, k, v, implementation="pallas", **MASKS),

@@ -56,12 +56,16 @@ def test_parameters_are_float32_and_bfloat16_compute_is_bfloat16(params, batch):
     assert compute_error > 2 * rounding_error, (compute_error, rounding_error)
 
 
-# What each remat policy keeps for the backward pass, as sets that nest. none: every intermediate;
-# dots: every matmul output; dots_with_no_batch_dims: only the weight matmuls (the attention
-# score / value products have batch dims); save_attention_out: only the attention output; full:
-# nothing but each layer's input. Pairs (more, less) whose saved sets differ.
-REMAT_SAVES_MORE_THAN = [("none", "dots"), ("dots", "dots_with_no_batch_dims"), ("dots_with_no_batch_dims", "full"),
-                         ("none", "save_attention_out"), ("save_attention_out", "full")]
+# What each remat policy keeps for the backward pass, as sets that nest. none: every intermediate
+# outside the attention, and the attention's own residuals (q, k, v, out, LSE: its custom VJP,
+# attention/recompute.py); dots: every matmul output, including the score / value products inside the
+# attention's forward, which remat re-runs; dots_with_no_batch_dims: only the weight matmuls (the
+# attention products have batch dims); save_attention_out: only the attention output; full: nothing
+# but each layer's input. Pairs (more, less) whose saved sets differ. (none and dots do not nest: no
+# remat never keeps the scores, dots does.)
+REMAT_SAVES_MORE_THAN = [("none", "dots_with_no_batch_dims"), ("dots", "dots_with_no_batch_dims"),
+                         ("dots_with_no_batch_dims", "full"), ("none", "save_attention_out"),
+                         ("save_attention_out", "full")]
 # Remat acts per layer. With scan the saved residuals are stacked over the layers while the backward
 # pass works on one layer at a time, so at this depth the residuals dominate XLA's temp allocation.
 REMAT_DEPTH = 16

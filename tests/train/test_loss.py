@@ -50,3 +50,14 @@ def test_forward_and_backward_hold_one_chunk_of_logits_at_a_time():
     shapes = _shapes_in(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, lm_head).jaxpr)
     assert (B, 16, V) in shapes
     assert not any(len(s) >= 2 and s[-1] == V and np.prod(s) >= B * L * V for s in shapes), sorted(shapes)
+
+
+def test_first_argmax_equals_jnp_argmax_including_ties():
+    """The loss's accuracy counts greedy decoding's pick: on ties the first id, as jnp.argmax returns."""
+    from af_next_jax.train.loss import first_argmax
+
+    # Logits from 4 levels over 50 ids: every row has its maximum several times.
+    logits = jnp.asarray(np.random.default_rng(0).integers(0, 4, (3, 7, V)).astype(np.float32))
+    expected = np.asarray(jnp.argmax(logits, axis=-1))
+    assert (np.asarray(logits == logits.max(-1, keepdims=True)).sum(-1) > 1).all()  # ties in every row
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(logits)), expected)
