@@ -1,150 +1,282 @@
-"""AF-Next-7B at 128K context on paper: mesh and per-device memory, computed from the config.
+"""AF-Next-7B's experiments on their targets: the memory planner beside the compiler, per chip.
 
-    python benchmarks/scaling.py                    # print the tables
-    python benchmarks/scaling.py --write docs/SCALING.md
+    python benchmarks/scaling.py                            # print the tables
+    python benchmarks/scaling.py --write docs/SCALING.md    # the page (seconds: reads the cache)
+    python benchmarks/scaling.py --recompile [NAME ...]     # compile again with libtpu, update the cache
+    python benchmarks/scaling.py --recompile-gpu-node       # the :h100 node on fake CPU devices
 
-Parameter counts come from `jax.eval_shape(AFNextModel(af_next_7b()).init, ...)` (no memory is
-allocated), the sharding factors from the MeshConfig and the rules table (rules.py), and each mesh is
-checked with `validate_sequence_parallel`. Memory model (per device, bytes):
+Every 7B experiment (experiments/af_next_*.py) is planned for the TPU slice it declares
+(`target_topology`) by benchmarks/memory_plan.py, from its own config, and shown beside what libtpu
+compiled for that slice. Compiling takes minutes per experiment on a small host, so the compiled
+figures are cached in benchmarks/compiled_memory.json (with the libtpu and jax versions and the
+date); `--recompile` refreshes them (`python -m af_next_jax.compile` compiles the same steps).
 
-  parameters      4 x P / shards          float32 master weights (the model's param_dtype)
-  gradients       4 x P / shards          float32, same sharding as the parameters
-  optimizer       8 x P / shards          AdamW m and v, float32
-  saved acts      layers x B x L x D x 2 / (ring x ulysses)      remat "full": one bf16 layer input
-                  per decoder layer; encoder likewise over its windows (windows over data x fsdp x seq)
-  layer peak      B x L/(ring x ulysses) x per-token bytes of one layer being recomputed in the
-                  backward (x, q, k, v with replicated K/V heads, attention out, gate/up/act, and
-                  their gradients: ~2 x (4 D + 2 H_kv' d + 3 F) x 2 bytes)
-  logits          B x L/(ring x ulysses) x V / tensor x 4: unchunked float32 logits; a chunked
-                  cross-entropy (trainer) removes most of it, so it is listed apart
+Two compiled figures per step, both from XLA's `memory_analysis()`:
+  live peak   `peak_memory_in_bytes`: the most bytes live at one point of the program (arguments
+              included), from XLA's own liveness analysis; what the planner models
+  allocated   arguments + outputs - aliased + the temporary region + code: what the chip must hold
+              (`python -m af_next_jax.compile` checks it against HBM). The temporary region is 1.1-1.7x
+              the live temporaries on these targets (how the heap packs buffers of
+              different lifetimes); the planner does not model that packing.
 
-shards = fsdp x ring x ulysses x tensor for weights sharded by the rules (embed over fsdp and the
-sequence axes, heads / MLP / vocab over tensor), i.e. ZeRO-3 over every non-data axis.
+GPU meshes (`:h100`) cannot be compiled for GPUs here. `--recompile-gpu-node` compiles one 8-GPU
+node of stage 3's `:h100` mesh (fsdp 8, the node's share of the batch) on 8 fake CPU devices
+(`--xla_force_host_platform_device_count=8`, in a subprocess) and the page compares the planner
+with it; see `GPU_NOTE` for what differs from a real GPU compile.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import datetime
+import glob
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
 
-import flax.linen as nn
-import jax
-import numpy as np
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's backend is irrelevant: devices are libtpu's or fake
 
-from af_next_jax.config import af_next_7b
-from af_next_jax.model.af_next import AFNextModel
-from af_next_jax.model.synthetic import synthetic_batch
-from af_next_jax.parallel.mesh import MeshConfig, kv_replication, validate_sequence_parallel
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import memory_plan  # noqa: E402
 
-GIB = 2 ** 30
-CONTEXT = 131072
+from af_next_jax.compile.topology import GIB, parse_topology  # noqa: E402
+from af_next_jax.train import experiment  # noqa: E402
 
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    name: str
-    devices: int
-    hbm_gib: float
-    mesh: MeshConfig
-    sequences_per_step: int
-    note: str
-
-
-TARGETS = (
-    Target("8 x H100 (one node)", 8, 80, MeshConfig(data=1, fsdp=1, ring=2, ulysses=4), 1,
-           "Ulysses 4 = the 4 K/V heads (no replication) over NVLink, ring 2 for the rest"),
-    Target("64 x H100 (8 nodes)", 64, 80, MeshConfig(data=1, fsdp=1, ring=2, ulysses=4, dcn_fsdp=8), 8,
-           "each node holds one 128K sequence (hybrid as above); FSDP across nodes over InfiniBand"),
-    Target("TPU v5p-128 (64 chips)", 64, 95, MeshConfig(data=1, fsdp=4, ring=4, ulysses=4), 4,
-           "all ICI (3D torus): fsdp 4 x ring 4 x ulysses 4; 4 sequences per step"),
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, "benchmarks", "compiled_memory.json")
+TOLERANCE = 0.10            # the planner must be within 10% of XLA's live peak on every TPU target
+GPU_NODE_SPEC = "experiments/af_next_stage3_full.py:h100"
+GPU_NODE_DEVICES = 8        # one H100 node: the mesh's ICI part
 
 
-def parameter_counts(config) -> dict[str, int]:
-    batch = synthetic_batch(config, audio_frames_per_example=[[config.encoder.mel_frames_per_window]], seq_len=1024)
-    abstract = nn.unbox(jax.eval_shape(AFNextModel(config).init, jax.random.key(0), batch))
-    return {part: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree))) for part, tree in abstract["params"].items()}
+def seven_b_experiments() -> list[str]:
+    return sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "experiments", "af_next_*.py")))
 
 
-def per_device_memory(config, target: Target) -> dict[str, float]:
-    sizes = target.mesh.axis_sizes(target.devices)
-    decoder, encoder = config.decoder, config.encoder
-    sequence_shards = sizes["ring"] * sizes["ulysses"]
-    weight_shards = sizes["fsdp"] * sequence_shards * sizes["tensor"]
-    batch_shards = sizes["data"] * sizes["fsdp"]
-    sequences_per_device_group = target.sequences_per_step // batch_shards
-    local_tokens = sequences_per_device_group * CONTEXT // sequence_shards
-    params = sum(parameter_counts(config).values())
-    kv_heads = decoder.num_kv_heads * kv_replication(decoder.num_kv_heads // sizes["tensor"], sizes["ulysses"])
-    windows_per_device = sequences_per_device_group * config.max_windows_per_audio / sequence_shards
-    encoder_saved = encoder.num_layers * windows_per_device * encoder.max_source_positions * encoder.hidden_size * 2
-    per_token = 2 * (4 * decoder.hidden_size + 2 * kv_heads * decoder.head_dim / sizes["tensor"]
-                     + 3 * decoder.intermediate_size / sizes["tensor"]) * 2
-    return {
-        "parameters (f32)": 4 * params / weight_shards / GIB,
-        "gradients (f32)": 4 * params / weight_shards / GIB,
-        "AdamW state (f32 m, v)": 8 * params / weight_shards / GIB,
-        "saved decoder inputs (remat full, bf16)": decoder.num_layers * local_tokens * decoder.hidden_size * 2 / GIB,
-        "saved encoder inputs (remat full, bf16)": encoder_saved / GIB,
-        "one layer recomputed in backward": local_tokens * per_token / GIB,
-        "logits, unchunked f32 (chunk the loss!)": local_tokens * decoder.vocab_size / sizes["tensor"] * 4 / GIB,
-    }
+def load_config(name_or_spec: str, overrides=()):
+    spec = name_or_spec if name_or_spec.endswith((".py",)) or ":" in name_or_spec else f"experiments/{name_or_spec}.py"
+    return experiment.load_config(os.path.join(ROOT, spec), list(overrides))
 
 
-def report() -> str:
-    config = af_next_7b(remat_policy="full")
-    counts = parameter_counts(config)
-    lines = [f"Parameters (from `jax.eval_shape` of the model): "
-             + ", ".join(f"{part} {count / 1e9:.3f} B" for part, count in counts.items())
-             + f"; total {sum(counts.values()) / 1e9:.3f} B.", ""]
-    lines += ["| target | devices | mesh ICI (per slice / node) | mesh DCN (across) | sequences of 128K per step | "
-              "tokens per device |", "|---|---:|---|---|---:|---:|"]
-    memories = []
-    for target in TARGETS:
-        validate_sequence_parallel(target.mesh, num_heads=config.decoder.num_heads,
-                                   num_kv_heads=config.decoder.num_kv_heads, sequence_length=CONTEXT,
-                                   batch_size=target.sequences_per_step, implementation="hybrid",
-                                   num_devices=target.devices)
-        resolved = target.mesh.resolved(target.devices)
-        sizes = target.mesh.axis_sizes(target.devices)
-        ici = " x ".join(f"{axis} {size}" for axis, size in resolved.ici_sizes.items() if size > 1)
-        dcn = " x ".join(f"{axis} {size}" for axis, size in resolved.dcn_sizes.items() if size > 1) or "-"
-        tokens = target.sequences_per_step * CONTEXT // target.devices
-        lines.append(f"| {target.name} | {target.devices} | {ici} | {dcn} | {target.sequences_per_step} | {tokens} |")
-        memories.append(per_device_memory(config, target))
-        del sizes
-    lines += ["", "Per-device memory, GiB:", "",
-              "| | " + " | ".join(target.name for target in TARGETS) + " |",
-              "|---|" + "---:|" * len(TARGETS)]
-    for name in memories[0]:
-        lines.append(f"| {name} | " + " | ".join(f"{memory[name]:.2f}" for memory in memories) + " |")
-    totals = [sum(v for k, v in memory.items() if not k.startswith("logits")) for memory in memories]
-    lines.append("| **total, loss chunked** | " + " | ".join(f"**{total:.1f}**" for total in totals) + " |")
-    lines.append("| HBM per device | " + " | ".join(f"{target.hbm_gib:.0f}" for target in TARGETS) + " |")
-    lines.append("")
-    lines += [f"- **{target.name}**: {target.note}." for target in TARGETS]
+def gpu_node_overrides(config) -> list[str]:
+    """One node of a GPU mesh: drop the DCN (across-node) axes and keep each device's rows and windows."""
+    nodes = experiment.mesh_config_from(config).num_slices
+    return [f"mesh.dcn_{axis}=1" for axis in ("data", "fsdp", "ring", "ulysses", "tensor")] + [
+        f"data.batch_size={config.data.batch_size // nodes}",
+        f"data.max_windows_per_batch={config.data.max_windows_per_batch // nodes}"]
+
+
+def fingerprint(config) -> str:
+    """The config fields that shape the compiled step: a cached figure is stale when they change."""
+    fields = {"model": config.model.to_dict(), "mesh": config.mesh.to_dict(), "stage": config.stage,
+              "data": {key: config.data[key] for key in ("seq_len", "batch_size", "max_windows_per_batch")},
+              "grad_accum_steps": config.grad_accum_steps, "loss_chunk_length": config.loss_chunk_length,
+              "target": [config.target_topology, config.target_slices]}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def compiled_figures(step) -> dict:
+    analysis = step.compiled.memory_analysis()
+    figures = {name: int(getattr(analysis, name, 0) or 0) for name in (
+        "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+        "generated_code_size_in_bytes", "peak_memory_in_bytes")}
+    figures["compile_seconds"] = round(step.seconds, 1)
+    return figures
+
+
+def allocated(figures: dict) -> int:
+    """What the chip holds: the report's total (af_next_jax/compile/report.py `memory_table`)."""
+    live = figures["argument_size_in_bytes"] + figures["output_size_in_bytes"] - figures["alias_size_in_bytes"]
+    return max(figures["peak_memory_in_bytes"],
+               live + figures["temp_size_in_bytes"] + figures["generated_code_size_in_bytes"])
+
+
+def load_cache(path: str = CACHE) -> dict:
+    if not os.path.exists(path):
+        return {"tpu": {}, "gpu_node_on_cpu": {}}
+    with open(path) as file:
+        return json.load(file)
+
+
+def save_cache(cache: dict, path: str = CACHE) -> None:
+    with open(path, "w") as file:
+        json.dump(cache, file, indent=1, sort_keys=True)
+        file.write("\n")
+
+
+def versions() -> dict:
+    found = {}
+    for package in ("jax", "jaxlib", "libtpu"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def recompile_tpu(names: list[str], cache: dict) -> None:
+    from af_next_jax.compile.steps import compile_experiment
+    from af_next_jax.compile.topology import topology_devices
+
+    for name in names:
+        config = load_config(name)
+        topology = parse_topology(config.target_topology, config.target_slices)
+        print(f"compiling {name} for {topology.describe()} ...", flush=True)
+        result = compile_experiment(config, topology_devices(topology), with_eval=False)
+        cache["tpu"][name] = {"topology": topology.name, "slices": topology.slices, "hbm_bytes": topology.hbm_bytes,
+                              "train": compiled_figures(result.train), "versions": versions(),
+                              "config_fingerprint": fingerprint(config),
+                              "date": datetime.date.today().isoformat()}
+        save_cache(cache)
+
+
+def recompile_gpu_node(cache: dict) -> None:
+    """Compile the GPU node on fake CPU devices in a subprocess (the device count is fixed at jax import)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={GPU_NODE_DEVICES}")
+    print(f"compiling one node of {GPU_NODE_SPEC} on {GPU_NODE_DEVICES} fake CPU devices ...", flush=True)
+    output = subprocess.run([sys.executable, __file__, "--gpu-node-worker"], env=env, check=True,
+                            capture_output=True, text=True).stdout
+    cache["gpu_node_on_cpu"] = {GPU_NODE_SPEC: json.loads(output.strip().splitlines()[-1])}
+    save_cache(cache)
+
+
+def gpu_node_worker() -> None:
+    import jax
+
+    from af_next_jax.compile.steps import compile_experiment
+
+    config = load_config(GPU_NODE_SPEC)
+    overrides = gpu_node_overrides(config)
+    result = compile_experiment(load_config(GPU_NODE_SPEC, overrides), jax.devices()[:GPU_NODE_DEVICES],
+                                with_eval=False)
+    print(json.dumps({"devices": GPU_NODE_DEVICES, "overrides": overrides, "train": compiled_figures(result.train),
+                      "versions": versions(), "date": datetime.date.today().isoformat()}))
+
+
+GPU_NOTE = """What differs from a GPU compile: the CPU compiler is not XLA:GPU. A CPU mesh has no Pallas
+kernel, so `auto` attention runs as plain XLA: the encoder's [windows, 20, 1500, 1500] float32
+scores and the decoder's blockwise attention buffers exist, and they are most of the gap to the
+planner (which, like the GPU and TPU kernels, keeps attention at O(L) per layer; XLA's dump of one such
+CPU compile attributes about 20 GiB of its peak to attention). Fusion and buffer assignment differ
+too (no cuDNN, no latency-hiding scheduler, no NCCL buffers, no SparseCore offload of the merge's
+gather), so the CPU figure bounds the GPU from above rather than predicting it. One node is compiled
+with the node's share of the batch (DCN axes dropped): the data-parallel copies on other nodes hold
+the same shards, but the merged audio, replicated over the whole micro-batch, is 1/nodes of the
+real run's, so the planner is shown for both."""
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.1f}"
+
+
+def _mesh(sizes: dict) -> str:
+    return " x ".join(f"{axis} {size}" for axis, size in sizes.items() if size > 1) or "1 device"
+
+
+def plan_rows(cache: dict) -> list[dict]:
+    """One row per 7B experiment: its plan for its target and the cached compiled figures."""
+    rows = []
+    for name in seven_b_experiments():
+        config = load_config(name)
+        topology = parse_topology(config.target_topology, config.target_slices)
+        plan = memory_plan.plan(config, topology.devices_total)
+        compiled = cache["tpu"].get(name)
+        rows.append(dict(name=name, config=config, topology=topology, plan=plan, compiled=compiled,
+                         sizes=experiment.mesh_config_from(config).axis_sizes(topology.devices_total)))
+    return rows
+
+
+def report(cache: dict) -> str:
+    rows = plan_rows(cache)
+    lines = ["| experiment | target | mesh | per chip | remat | planner | XLA live peak | planner / XLA | "
+             "allocated (fits?) | compile |", "|---|---|---|---|---|---:|---:|---:|---|---:|"]
+    for row in rows:
+        config, plan, compiled, sizes = row["config"], row["plan"], row["compiled"], row["sizes"]
+        data = config.data
+        rows_per_chip = data.batch_size // (sizes["data"] * sizes["fsdp"])
+        tokens = data.seq_len // (sizes["ring"] * sizes["ulysses"])
+        windows = data.max_windows_per_batch // row["topology"].devices_total
+        shape = f"{rows_per_chip} x {tokens} tokens, {windows} windows" + \
+            (f", {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else "")
+        if compiled:
+            train = compiled["train"]
+            total = allocated(train)
+            fits = "yes" if total <= row["topology"].hbm_bytes else "**no**"
+            figures = (f"{_gib(train['peak_memory_in_bytes'])} | {plan.peak / train['peak_memory_in_bytes']:.2f} | "
+                       f"{_gib(total)} of {row['topology'].hbm_bytes / GIB:.0f} ({fits}) | "
+                       f"{train['compile_seconds']:.0f} s")
+        else:
+            figures = "not compiled | - | - | -"
+        lines.append(f"| {row['name']} | {row['topology'].name} | {_mesh(sizes)} | {shape} | "
+                     f"{config.model.remat_policy} | {_gib(plan.peak)} | {figures} |")
+    lines += ["", "The planner's terms, GiB per chip (benchmarks/memory_plan.py explains each); the peak is the "
+              "persistent terms plus the largest moment (its total in bold):", "",
+              "| term | " + " | ".join(row["name"].removeprefix("af_next_") for row in rows) + " |",
+              "|---|" + "---:|" * len(rows)]
+    for term in rows[0]["plan"].persistent:
+        lines.append(f"| {term} | " + " | ".join(_gib(row["plan"].persistent[term]) for row in rows) + " |")
+    for phase in rows[0]["plan"].phases:
+        totals = [_gib(row["plan"].phase_bytes(phase)) for row in rows]
+        marked = [f"**{total}**" if row["plan"].peak_phase == phase else total for row, total in zip(rows, totals)]
+        lines.append(f"| *{phase}* (with persistent) | " + " | ".join(marked) + " |")
+        for term in rows[0]["plan"].phases[phase]:
+            values = [row["plan"].phases[phase][term] for row in rows]
+            lines.append(f"| &nbsp; {term} | " + " | ".join(_gib(v) for v in values) + " |")
+    lines += ["", gpu_section(cache)]
     return "\n".join(lines)
 
 
-PAGE = """# Scaling AF-Next-7B to 128K tokens
+def gpu_section(cache: dict) -> str:
+    config = load_config(GPU_NODE_SPEC)
+    overrides = gpu_node_overrides(config)
+    node = memory_plan.plan(load_config(GPU_NODE_SPEC, overrides), GPU_NODE_DEVICES)
+    sizes = experiment.mesh_config_from(config)
+    whole = memory_plan.plan(config, sizes.num_slices * GPU_NODE_DEVICES)
+    lines = ["### GPU meshes", "",
+             f"`{GPU_NODE_SPEC}` ({sizes.num_slices} nodes x {GPU_NODE_DEVICES} H100, 80 GiB): the planner says "
+             f"{_gib(whole.peak)} GiB per GPU for the whole run, {_gib(node.peak)} GiB for one node alone "
+             f"(`{' '.join('--config.' + o for o in overrides)}`)."]
+    compiled = cache.get("gpu_node_on_cpu", {}).get(GPU_NODE_SPEC)
+    if compiled:
+        train = compiled["train"]
+        lines[-1] += (f" That node compiled on {GPU_NODE_DEVICES} fake CPU devices allocates "
+                      f"{_gib(allocated(train))} GiB per device (arguments + temporaries; the CPU backend's "
+                      f"`peak_memory_in_bytes` counts only the arguments): planner / CPU = "
+                      f"{node.peak / allocated(train):.2f} (compiled in {train['compile_seconds']:.0f} s).")
+    else:
+        lines[-1] += " Not compiled on fake CPU devices yet (`--recompile-gpu-node`)."
+    lines += ["", GPU_NOTE]
+    return "\n".join(lines)
 
-Generated by `python benchmarks/scaling.py --write docs/SCALING.md` from `af_next_7b()` (do not edit
-by hand). Attention: `hybrid` (Ulysses over the `ulysses` axis, ring over `ring`), remat policy
-`full`, compute bfloat16 with float32 master weights and AdamW; batch = whole 128K-token sequences.
-Memory model: see the docstring of `benchmarks/scaling.py`. Not included: XLA temporaries beyond one
-layer's working set, collective buffers, and the attention kernel's own O(L) scratch.
 
-{tables}
+def page(cache: dict) -> str:
+    tpu = [entry for entry in cache["tpu"].values()]
+    stamp = ", ".join(sorted({f"libtpu {e['versions'].get('libtpu')}, jax {e['versions'].get('jax')}, {e['date']}"
+                              for e in tpu})) or "not compiled"
+    return HEADER.format(stamp=stamp, tolerance=int(TOLERANCE * 100)) + report(cache) + "\n\n" + LAUNCH
 
-Reading the table: weights, gradients and AdamW take 16 bytes per parameter, so the model needs
-{state_gib:.0f} GiB before any activation; only by sharding them over every non-data axis (FSDP over
-fsdp x ring x ulysses, the rules table's `shard_params_over_sequence=True`) does one 8-GPU node fit.
-The saved decoder inputs are {layers} x {context} x {hidden} x 2 bytes = {saved_gib:.1f} GiB per
-sequence, divided by the sequence-parallel degree. Unchunked float32 logits ({context} x {vocab} x 4 bytes
-= {logits_gib:.0f} GiB per sequence) must never exist: compute the loss in sequence chunks against
-`output_projection` (the model exposes it for that).
 
-## Multi-host launch
+HEADER = """# AF-Next-7B on its targets: planned and compiled memory per chip
+
+Generated by `python benchmarks/scaling.py --write docs/SCALING.md` (do not edit by hand) from
+every 7B experiment's own config, planned by `benchmarks/memory_plan.py` (its docstring explains
+each term) for the TPU slice the experiment declares, beside what libtpu compiled for that slice
+(`python benchmarks/scaling.py --recompile`, cached in benchmarks/compiled_memory.json; {stamp}).
+"XLA live peak" is the compiler's `peak_memory_in_bytes`; the planner is held within {tolerance}% of
+it (tests/compile/test_memory_plan.py). "allocated" is what the chip must hold (arguments + the
+temporary region, 1.1-1.7x the live temporaries here: it also pays for how the heap packs buffers of
+different lifetimes, which the planner does not model), checked against HBM.
+"compile" is the wall time of lowering and compiling the train step on the 2-core host that made
+the cache, shared with other jobs at the time (and writing XLA dumps): an upper bound.
+
+"""
+
+
+LAUNCH = """## Multi-host launch
 
 Every process (one per TPU host, one per 8-GPU node) runs the same training command. The trainer
 joins the job before any other JAX call (`af_next_jax/train/launch.py`): it
@@ -212,19 +344,24 @@ on every host with its own `--process-id` (or `AF_NEXT_COORDINATOR`, `AF_NEXT_NU
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--write", help="write the page (docs/SCALING.md) instead of printing the tables")
+    parser.add_argument("--recompile", nargs="*", metavar="NAME",
+                        help="compile these 7B experiments (default: all) for their targets with libtpu")
+    parser.add_argument("--recompile-gpu-node", action="store_true",
+                        help=f"compile one node of {GPU_NODE_SPEC} on {GPU_NODE_DEVICES} fake CPU devices")
+    parser.add_argument("--gpu-node-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    tables = report()
+    if args.gpu_node_worker:
+        return gpu_node_worker()
+    cache = load_cache()
+    if args.recompile is not None:
+        recompile_tpu(args.recompile or seven_b_experiments(), cache)
+    if args.recompile_gpu_node:
+        recompile_gpu_node(cache)
     if args.write:
-        config = af_next_7b()
-        decoder = config.decoder
-        numbers = dict(state_gib=16 * sum(parameter_counts(config).values()) / GIB, layers=decoder.num_layers,
-                       context=CONTEXT, hidden=decoder.hidden_size, vocab=decoder.vocab_size,
-                       saved_gib=decoder.num_layers * CONTEXT * decoder.hidden_size * 2 / GIB,
-                       logits_gib=CONTEXT * decoder.vocab_size * 4 / GIB)
-        with open(args.write, "w") as page:
-            page.write(PAGE.format(tables=tables, **numbers))
+        with open(args.write, "w") as out:
+            out.write(page(cache))
     else:
-        print(tables)
+        print(report(cache))
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def compile_experiment(config: ml_collections.ConfigDict, devices, *, with_eval:
                                              loss_chunk_length=config.loss_chunk_length),
                              in_shardings=(setup.state_shardings, setup.step_batch_shardings),
                              out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
-        train = _compile("train", train_step, (state, step_batch),
+        platform = devices[0].platform  # "tpu" for libtpu's compile-only devices, "cpu" for fake CPU meshes
+        train = _compile("train", train_step, (state, step_batch), platform,
                          {"parameters": state.params, "optimizer state": state.opt_state, "batch": step_batch})
         evaluation = None
         if with_eval:
@@ -116,14 +117,14 @@ def compile_experiment(config: ml_collections.ConfigDict, devices, *, with_eval:
             micro_batch = {name: jax.ShapeDtypeStruct(value.shape, value.dtype,
                                                       sharding=setup.micro_batch_shardings[name])
                            for name, value in example.items()}
-            evaluation = _compile("eval", eval_step, (state.params, micro_batch),
+            evaluation = _compile("eval", eval_step, (state.params, micro_batch), platform,
                                   {"parameters": state.params, "optimizer state": {}, "batch": micro_batch})
     analytic = accum * train_step_flops(model_config, batch_size=data.batch_size, seq_len=data.seq_len,
                                         num_windows=data.max_windows_per_batch, trained_groups=STAGES[config.stage])
     return CompiledExperiment(mesh_sizes, model_config, analytic, train, evaluation)
 
 
-def _compile(name: str, jitted, args, inputs) -> CompiledStep:
+def _compile(name: str, jitted, args, platform: str, inputs) -> CompiledStep:
     start = time.perf_counter()
-    compiled = jitted.trace(*args).lower(lowering_platforms=("tpu",)).compile()
+    compiled = jitted.trace(*args).lower(lowering_platforms=(platform,)).compile()
     return CompiledStep(name, compiled, time.perf_counter() - start, inputs)

@@ -1,10 +1,13 @@
-"""`slow`: every AF-Next 7B experiment compiles for the TPU slice it declares and fits its HBM.
+"""`slow`: every AF-Next 7B experiment compiles for the TPU slice it declares, fits its HBM, and the
+memory planner is within 10% of the compiled live peak.
 
 Minutes each on a 2-core host (libtpu compiles the real 7B train and eval steps for up to 128 chips).
     python -m pytest -m slow tests/compile/test_7b_targets.py
 """
 
+import importlib.util
 import io
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +46,15 @@ def test_every_7b_experiment_compiles_for_its_target_and_fits(name):
     print(out.getvalue())
     assert code == 0, out.getvalue()
     assert "tpu_custom_call" in result.train.compiled.as_text()  # attention_kernel "auto" = Mosaic on a TPU
+    # The memory planner (benchmarks/memory_plan.py) agrees with what was just compiled.
+    scaling = _scaling()
+    compiled_peak = result.train.compiled.memory_analysis().peak_memory_in_bytes
+    planned = scaling.memory_plan.plan(config, topology.devices_total).peak
+    assert abs(planned / compiled_peak - 1) <= scaling.TOLERANCE, (planned, compiled_peak)
+
+
+def _scaling():
+    spec = importlib.util.spec_from_file_location("scaling", Path(__file__).parents[2] / "benchmarks" / "scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
