@@ -270,6 +270,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
             pending = dispatched
             if eval_batches_factory is not None and config.eval_every and (
                     step % config.eval_every == 0 or step == config.total_steps):
+                # Evaluation waits for this step anyway: report it first, so its line precedes the eval's.
+                if reporter.report(pending):
+                    result = _stop_nonfinite(checkpointer, state, pending, workdir, config)
+                    pending = None
+                    break
+                pending = None
                 with reporter.paused():
                     _evaluate(eval_step, state.params, eval_batches_factory, eval_cache, config.eval_batches,
                               setup.micro_batch_shardings, writer, step)

@@ -146,3 +146,14 @@ def test_gradient_accumulation_equals_one_batch_of_all_the_micro_batches(accumul
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(_exported_params(accumulated_workdir)),
                             jax.tree.leaves(_exported_params(one_big_batch))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_steps_log_line_comes_before_its_evaluation(accumulated):
+    """Scalars are read one step late, except where evaluation waits for the step anyway."""
+    workdir, _ = accumulated
+    with open(os.path.join(workdir, "train.log")) as handle:
+        lines = handle.read().splitlines()
+    for step in (EVAL_EVERY, STEPS):
+        step_line = next(i for i, line in enumerate(lines) if f"step {step}/{STEPS} |" in line)
+        eval_line = next(i for i, line in enumerate(lines) if f"eval at step {step} |" in line)
+        assert step_line < eval_line, lines
