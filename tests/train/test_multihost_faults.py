@@ -73,7 +73,9 @@ def fault_runs(demo_data, tmp_path_factory):
     checkpoints_at_kill = sorted(int(s) for s in os.listdir(os.path.join(interrupted, "checkpoints")) if s.isdigit())
 
     second = _two_processes(interrupted, demo_data, cache, root, "terminated")
-    _signal_when(second, interrupted, steps_at_kill + 2, signal.SIGTERM, (1,))
+    # metrics.jsonl runs one step behind the dispatched steps (the loop reads scalars one step late): when it
+    # shows step k + 1, step k + 2 is running, and the SIGTERM still lands well before STEPS.
+    _signal_when(second, interrupted, steps_at_kill + 1, signal.SIGTERM, (1,))
     terminated_codes = wait_all(second, TIMEOUT)
     terminated_logs = [read_log(root, "terminated", rank) for rank in (0, 1)]
     final_codes = wait_all(_two_processes(interrupted, demo_data, cache, root, "final"), TIMEOUT)
