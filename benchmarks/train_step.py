@@ -17,28 +17,33 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import sys
 import time
 
 import numpy as np
 
 
-def _interleaved_median_seconds(steps_by_name: dict, repeats: int) -> tuple[dict, dict]:
-    """Median wall and process CPU time of each step function, alternating them so both see the same
-    machine load. CPU time counts every thread of this process (PyTorch's spinning OpenMP threads too);
-    on a shared machine it is the steadier of the two."""
+def _interleaved_median_seconds(steps_by_name: dict, repeats: int) -> tuple[dict, dict, dict]:
+    """Median wall time, process CPU time and page faults of each step function, alternating them so
+    both see the same machine load. CPU time counts every thread of this process (PyTorch's spinning
+    OpenMP threads too); on a shared machine it is the steadier of the two. Minor page faults are
+    memory the step touched fresh from the kernel (af_next_jax/xla_cpu_options.py explains why
+    they matter)."""
     for step in steps_by_name.values():  # compile / warm up
         step()
         step()
-    wall, cpu = {name: [] for name in steps_by_name}, {name: [] for name in steps_by_name}
+    wall, cpu, faults = ({name: [] for name in steps_by_name} for _ in range(3))
     for _ in range(repeats):
         for name, step in steps_by_name.items():
             started, started_cpu = time.perf_counter(), time.process_time()
+            started_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             step()
             wall[name].append(time.perf_counter() - started)
             cpu[name].append(time.process_time() - started_cpu)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - started_faults)
     median = lambda times: {name: float(np.median(values)) for name, values in times.items()}  # noqa: E731
-    return median(wall), median(cpu)
+    return median(wall), median(cpu), median(faults)
 
 
 def build_jax_train_step(config, batch):
@@ -138,22 +143,23 @@ def main(argv=None) -> int:
     steps = {"jax": make_jax_step(config, batch)}
     thread_counts = sorted({1, os.cpu_count()})
     steps.update({f"torch{threads}": make_torch_step(config, batch, threads) for threads in thread_counts})
-    seconds, cpu_seconds = _interleaved_median_seconds(steps, args.steps)
+    seconds, cpu_seconds, page_faults = _interleaved_median_seconds(steps, args.steps)
     ours = seconds["jax"]
     reference = min(seconds[f"torch{threads}"] for threads in thread_counts)
     print(f"tiny preset, batch {args.batch} x {args.seq_len} tokens, {args.windows} windows of "
           f"{config.encoder.window_seconds:.0f} s; median of {args.steps} alternating steps; "
           f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
           f"Python {sys.version.split()[0]}\n")
-    print("| train step | ms / step | tokens / s | speed-up | CPU ms / step |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| train step | ms / step | tokens / s | speed-up | CPU ms / step | page faults / step |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for threads in thread_counts:
         torch_seconds = seconds[f"torch{threads}"]
         print(f"| PyTorch transformers MusicFlamingo (sdpa, AdamW), {threads} thread(s) | "
               f"{1e3 * torch_seconds:.0f} | {tokens / torch_seconds:,.0f} | {reference / torch_seconds:.2f}x | "
-              f"{1e3 * cpu_seconds[f'torch{threads}']:.0f} |")
+              f"{1e3 * cpu_seconds[f'torch{threads}']:.0f} | {page_faults[f'torch{threads}']:,.0f} |")
     print(f"| af-next-jax `train_step` (jit, chunked CE, AdamW), XLA threads | {1e3 * ours:.0f} | "
-          f"{tokens / ours:,.0f} | {reference / ours:.2f}x | {1e3 * cpu_seconds['jax']:.0f} |")
+          f"{tokens / ours:,.0f} | {reference / ours:.2f}x | {1e3 * cpu_seconds['jax']:.0f} | "
+          f"{page_faults['jax']:,.0f} |")
     return 0
 
 
