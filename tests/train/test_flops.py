@@ -10,7 +10,12 @@ fails. Excluded from the reference, as flops.py excludes them: remat's recomputa
 recomputes each chunk's logits in the backward pass). Layers are unrolled (`scan_layers=False`) and
 the loss is one chunk, so no matmul sits in a loop (the counter refuses loops).
 
-Causal: the `xla` kernel computes all L x L attention scores. A causal kernel computes only the
+The attention is counted as the model's math, through the materialising reference
+(`reference.xla_attention`, patched in for this module): the CPU training kernel (attention/recompute.py)
+also recomputes the scores in the backward pass, which MFU does not count (like remat), and skips
+fully masked causal tiles.
+
+Causal: the reference computes all L x L attention scores. A causal kernel computes only the
 visible (query, key) pairs, so the causal reference is the compiled count with the decoder's
 attention products (forward and backward) scaled by the visible fraction of the causal mask.
 """
@@ -82,6 +87,16 @@ def model_work(matmuls, *, causal: bool) -> float:
         decoder_attention = batched and "/decoder/" in op_name
         total += flops * (visible if causal and decoder_attention else 1.0)
     return total
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reference_attention():
+    """Route the `xla` kernel to the materialising reference for every compile in this module."""
+    from af_next_jax.attention import dispatch, reference
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dispatch, "recompute_attention", reference.xla_attention)
+        yield
 
 
 def part_of(op_name: str) -> str:
