@@ -6,32 +6,18 @@ import numpy as np
 import pytest
 
 from af_next_jax.batch import validate_batch
-from af_next_jax.data.pipeline import (DataConfig, SkipThresholdExceeded, make_batch_iterator,
+from af_next_jax.data.pipeline import (SkipThresholdExceeded, make_batch_iterator,
                                        manifest_records)
+from pipeline_helpers import assert_restored_iterator_continues_exactly, assert_same_batches, small_config, take
 
 
 def _config(demo_dir, **changes):
-    base = DataConfig(manifests=(str(demo_dir / "train.jsonl"),), tokenizer=str(demo_dir / "tokenizer.json"),
-                      seq_len=512, batch_size=2, max_windows_per_batch=8, num_threads=1, seed=3,
-                      process_index=0, process_count=1)
-    return base.replace(**changes)
-
-
-def _take(iterator, count):
-    return [next(iterator) for _ in range(count)]
-
-
-def _assert_same_batches(first, second):
-    assert len(first) == len(second)
-    for a, b in zip(first, second):
-        assert a.keys() == b.keys()
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    return small_config(demo_dir, [str(demo_dir / "train.jsonl")], **changes)
 
 
 def test_batches_follow_the_contract(demo_dir, tiny_config):
     iterator = make_batch_iterator(_config(demo_dir), tiny_config)
-    for batch in _take(iterator, 3):
+    for batch in take(iterator, 3):
         validate_batch(batch, tiny_config)
         assert batch["token_ids"].shape == (2, 512) and batch["mel_windows"].shape == (8, 128, 500)
         assert batch["loss_mask"].sum() > 0 and (batch["mel_valid_frames"] > 0).sum() > 0
@@ -69,16 +55,7 @@ def test_mixture_follows_weights(demo_dir, tmp_path):
 # (~30 s of process start-up on a 2-core box).
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_restored_iterator_continues_exactly(demo_dir, tiny_config, num_workers):
-    config = _config(demo_dir, num_workers=num_workers)
-    iterator = make_batch_iterator(config, tiny_config)
-    _take(iterator, 2)
-    state = iterator.get_state()
-    expected = _take(iterator, 3)
-    iterator.close()
-    restored = make_batch_iterator(config, tiny_config)
-    restored.set_state(state)
-    _assert_same_batches(_take(restored, 3), expected)
-    restored.close()
+    assert_restored_iterator_continues_exactly(_config(demo_dir, num_workers=num_workers), tiny_config)
 
 
 def test_orbax_grain_handler_saves_and_restores_the_iterator(demo_dir, tiny_config, tmp_path):
@@ -86,14 +63,14 @@ def test_orbax_grain_handler_saves_and_restores_the_iterator(demo_dir, tiny_conf
     from etils import epath
 
     iterator = make_batch_iterator(_config(demo_dir), tiny_config)
-    _take(iterator, 1)
+    take(iterator, 1)
     handler = grain.checkpoint.CheckpointHandler()
     handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(iterator))
-    expected = _take(iterator, 2)
+    expected = take(iterator, 2)
     restored = handler.restore(epath.Path(tmp_path),
                                args=grain.checkpoint.CheckpointRestore(make_batch_iterator(_config(demo_dir),
                                                                                            tiny_config)))
-    _assert_same_batches(_take(restored, 2), expected)
+    assert_same_batches(take(restored, 2), expected)
 
 
 def _bad_manifest(demo_dir, tmp_path, write_wav):
@@ -145,7 +122,7 @@ def test_skip_fraction_above_threshold_stops_with_a_summary(demo_dir, tiny_confi
     config = _config(demo_dir, manifests=(str(path),), skip_threshold=0.2, skip_check_after=10, batch_size=4)
     iterator = make_batch_iterator(config, tiny_config)
     with pytest.raises(SkipThresholdExceeded, match=r"missing_audio: \d+.*inspect"):
-        _take(iterator, 20)
+        take(iterator, 20)
 
 
 def test_inspect_reports_every_problem_with_its_line_number(demo_dir, tmp_path, write_wav, capsys):

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from af_next_jax.data.pipeline import DataConfig, make_batch_iterator, manifest_records
+from af_next_jax.data.pipeline import make_batch_iterator, manifest_records
+from pipeline_helpers import assert_restored_iterator_continues_exactly, assert_same_batches, small_config, take
 
 NUM_SHARDS = 3
 
@@ -26,24 +27,6 @@ def demo_shards(demo_dir, tmp_path_factory):
     summary = build_shards([str(demo_dir / "train.jsonl"), str(demo_dir / "heldout.jsonl")], str(out),
                            num_shards=NUM_SHARDS)
     return out, summary
-
-
-def _config(demo_dir, sources, **changes):
-    base = DataConfig(manifests=tuple(sources), tokenizer=str(demo_dir / "tokenizer.json"), seq_len=512,
-                      batch_size=2, max_windows_per_batch=8, num_threads=1, seed=3, process_index=0, process_count=1)
-    return base.replace(**changes)
-
-
-def _take(iterator, count):
-    return [next(iterator) for _ in range(count)]
-
-
-def _assert_same_batches(first, second):
-    assert len(first) == len(second)
-    for step, (a, b) in enumerate(zip(first, second)):
-        assert a.keys() == b.keys()
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=f"step {step}: {name}")
 
 
 def _lines(path):
@@ -72,9 +55,9 @@ def test_shards_give_the_same_batches_as_their_manifests_step_by_step(demo_dir, 
     manifests = [str(demo_dir / "train.jsonl"), str(demo_dir / "heldout.jsonl")]
     shards = [str(out / "train-*.array_record"), str(out / "heldout-*.array_record")]
     # A weighted mixture over more than one epoch of the small held-out source.
-    from_manifests = make_batch_iterator(_config(demo_dir, manifests, weights=(2.0, 1.0)), tiny_config)
-    from_shards = make_batch_iterator(_config(demo_dir, shards, weights=(2.0, 1.0)), tiny_config)
-    _assert_same_batches(_take(from_shards, 8), _take(from_manifests, 8))
+    from_manifests = make_batch_iterator(small_config(demo_dir, manifests, weights=(2.0, 1.0)), tiny_config)
+    from_shards = make_batch_iterator(small_config(demo_dir, shards, weights=(2.0, 1.0)), tiny_config)
+    assert_same_batches(take(from_shards, 8), take(from_manifests, 8))
     assert from_shards.metrics() == from_manifests.metrics()
 
 
@@ -164,7 +147,7 @@ def test_a_corrupt_shard_fails_naming_the_shard(demo_dir, demo_shards, tiny_conf
     writer = ArrayRecordWriter(str(foreign), "group_size:1")
     writer.write(b"not an example")
     writer.close()
-    iterator = make_batch_iterator(_config(demo_dir, [str(foreign)]), tiny_config)
+    iterator = make_batch_iterator(small_config(demo_dir, [str(foreign)]), tiny_config)
     with pytest.raises(ShardReadError, match=f"record 0 of shard {foreign} is corrupt: .*AFX1"):
         next(iterator)
 
@@ -173,8 +156,8 @@ def test_hosts_read_disjoint_parts_of_the_shards_that_together_cover_them(demo_d
     out, _ = demo_shards
     pattern = str(out / "train-*.array_record")
     parts = [{(shard, position) for shard, position, _ in manifest_records(
-        _config(demo_dir, [pattern], process_index=host, process_count=2, num_epochs=1))} for host in range(2)]
-    everything = {(shard, position) for shard, position, _ in manifest_records(_config(demo_dir, [pattern],
+        small_config(demo_dir, [pattern], process_index=host, process_count=2, num_epochs=1))} for host in range(2)]
+    everything = {(shard, position) for shard, position, _ in manifest_records(small_config(demo_dir, [pattern],
                                                                                        num_epochs=1))}
     assert parts[0].isdisjoint(parts[1]) and parts[0] | parts[1] == everything
     assert len(everything) == len(_lines(demo_dir / "train.jsonl"))
@@ -184,16 +167,8 @@ def test_hosts_read_disjoint_parts_of_the_shards_that_together_cover_them(demo_d
 @pytest.mark.parametrize("num_workers", [0, 2])  # the 7B configs read with 8 grain worker processes
 def test_restored_shard_iterator_continues_exactly(demo_dir, demo_shards, tiny_config, num_workers):
     out, _ = demo_shards
-    config = _config(demo_dir, [str(out / "train-*.array_record")], num_workers=num_workers)
-    iterator = make_batch_iterator(config, tiny_config)
-    _take(iterator, 2)
-    state = iterator.get_state()
-    expected = _take(iterator, 3)
-    iterator.close()
-    restored = make_batch_iterator(config, tiny_config)
-    restored.set_state(state)
-    _assert_same_batches(_take(restored, 3), expected)
-    restored.close()
+    config = small_config(demo_dir, [str(out / "train-*.array_record")], num_workers=num_workers)
+    assert_restored_iterator_continues_exactly(config, tiny_config)
 
 
 def test_inspect_reads_shards_as_it_reads_the_manifest(demo_dir, demo_shards, demo_tokenizer, tiny_config, capsys):
@@ -239,9 +214,9 @@ def test_data_sources_are_validated_with_clear_errors(demo_dir, tmp_path):
     from af_next_jax.data.shard_source import ShardReadError
 
     with pytest.raises(ValueError, match=r"a glob must name ArrayRecord shards \('DIR/train-\*\.array_record'\)"):
-        _config(demo_dir, [str(tmp_path / "*.jsonl")])
+        small_config(demo_dir, [str(tmp_path / "*.jsonl")])
     with pytest.raises(ShardReadError, match=r"matches no file; build shards with"):
-        manifest_records(_config(demo_dir, [str(tmp_path / "nothing-*.array_record")]))
+        manifest_records(small_config(demo_dir, [str(tmp_path / "nothing-*.array_record")]))
 
 
 def test_training_imports_do_not_need_apache_beam():
