@@ -104,7 +104,8 @@ def compile_experiment(config: ml_collections.ConfigDict, devices, *, with_eval:
                                                  sharding=setup.step_batch_shardings[name])
                       for name, value in example.items()}
         train_step = jax.jit(make_train_step(model, optimizer, schedule, trainable_mask(labels),
-                                             loss_chunk_length=config.loss_chunk_length),
+                                             loss_chunk_length=config.loss_chunk_length,
+                                             max_nonfinite_streak=config.max_nonfinite_streak),
                              in_shardings=(setup.state_shardings, setup.step_batch_shardings),
                              out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
         platform = devices[0].platform  # "tpu" for libtpu's compile-only devices, "cpu" for fake CPU meshes

@@ -101,18 +101,23 @@ def make_train_step(model: AFNextModel, optimizer: optax.GradientTransformation,
 
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        # A halted step (see the module docstring) changes nothing; a non-finite one only its counters.
+        halted = (state.nonfinite_streak >= max_nonfinite_streak if max_nonfinite_streak is not None
+                  else jnp.zeros((), bool))
+        apply_update = finite & ~halted
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply_update, n, o), new, old)
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        total = state.nonfinite_total + (~finite).astype(jnp.int32)
         new_state = state.replace(
-            step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
-            nonfinite_streak=streak, nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+            step=state.step + (~halted).astype(jnp.int32), params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            nonfinite_streak=jnp.where(halted, state.nonfinite_streak, streak),
+            nonfinite_total=jnp.where(halted, state.nonfinite_total, total))
         applied_updates = state.step - state.nonfinite_total  # the schedule's step for this update
         metrics = {"loss": loss, "accuracy": correct / denominator, "tokens": tokens, "grad_norm": grad_norm,
                    "learning_rate": schedule(applied_updates), "finite": finite.astype(jnp.float32),
-                   "nonfinite_streak": streak, "nonfinite_total": new_state.nonfinite_total}
+                   "nonfinite_streak": streak, "nonfinite_total": total}
         if max_nonfinite_streak is not None:
-            halted = state.nonfinite_streak >= max_nonfinite_streak
-            new_state = jax.tree.map(lambda new, old: jnp.where(halted, old, new), new_state, state)
             metrics["halted"] = halted.astype(jnp.float32)
         return new_state, metrics
 
