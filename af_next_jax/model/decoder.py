@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from af_next_jax.config import DecoderConfig
 from af_next_jax.model import axes
 from af_next_jax.model.attention import dot_product_attention
-from af_next_jax.model.layers import DEFAULT_KERNEL_INIT, RMSNorm, dense, stack_layers
+from af_next_jax.model.layers import DEFAULT_KERNEL_INIT, RMSNorm, dense, stack_layers, swiglu
 
 ACTIVATION_AXES = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
 # The cache carries the same logical axes as the keys/values it stores (sequence over the sequence
@@ -98,7 +98,7 @@ class DecoderLayer(nn.Module):
                            dtype=self.dtype)(h_BxLxD)
         up_BxLxF = dense(config.intermediate_size, (axes.EMBED, axes.MLP), use_bias=False, name="up_proj",
                          dtype=self.dtype)(h_BxLxD)
-        h_BxLxF = axes.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+        h_BxLxF = axes.constrain(swiglu(gate_BxLxF, up_BxLxF), (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
         h_BxLxD = dense(config.hidden_size, (axes.MLP, axes.EMBED), use_bias=False, name="down_proj",
                         dtype=self.dtype)(h_BxLxF)
         return axes.constrain(x_BxLxD + h_BxLxD, ACTIVATION_AXES), new_kv_cache

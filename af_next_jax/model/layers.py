@@ -76,6 +76,31 @@ def gelu_exact(x):
     return jax.nn.gelu(x, approximate=False)
 
 
+@jax.custom_vjp
+def swiglu(gate, up):
+    """silu(gate) * up, Qwen2's MLP activation, with a backward that keeps only gate and up.
+
+    Autodiff of `jax.nn.silu(gate) * up` keeps four [tokens, intermediate] tensors per layer (the
+    sigmoid, its complement, silu and up), which the layer scan stacks for the backward pass; this
+    saves the two inputs and recomputes the sigmoid. Same values: d up = dh silu(g), d gate =
+    dh up s (1 + g (1 - s)) with s = sigmoid(g), the derivative autodiff takes."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_forward(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_backward(residuals, dh):
+    gate, up = residuals
+    sigmoid = jax.nn.sigmoid(gate)
+    dgate = dh * up * (sigmoid * (1 + gate * (1 - sigmoid)))
+    return dgate, dh * (gate * sigmoid)
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
+
+
 def remat_policy(name: str):
     """Map a config remat name to a jax.checkpoint policy; None = no remat."""
     policies = {
