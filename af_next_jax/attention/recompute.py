@@ -68,12 +68,12 @@ def _stack_rows(x_BxKxGxLxD):
     return x_BxKxGxLxD.reshape(batch, num_kv_heads, groups * length, head_dim)
 
 
-def _masked_scores(query_BxKxGxLxD, key_BxKxSxD, visible_BxLxS, sm_scale):
-    """Scaled QK^T with masked entries at MASK_SCORE, as [B, K, G, L, S] float32."""
-    batch, num_kv_heads, groups, q_len, _ = query_BxKxGxLxD.shape
+def _masked_scores(scaled_query_BxKxGxLxD, key_BxKxSxD, visible_BxLxS):
+    """QK^T (the query already scaled) with masked entries at MASK_SCORE, as [B, K, G, L, S] float32."""
+    batch, num_kv_heads, groups, q_len, _ = scaled_query_BxKxGxLxD.shape
     kv_len = key_BxKxSxD.shape[2]
-    scores_BxKxGLxS = jnp.einsum("bkld,bksd->bkls", _stack_rows(query_BxKxGxLxD), key_BxKxSxD,
-                                 preferred_element_type=jnp.float32) * sm_scale
+    scores_BxKxGLxS = jnp.einsum("bkld,bksd->bkls", _stack_rows(scaled_query_BxKxGxLxD), key_BxKxSxD,
+                                 preferred_element_type=jnp.float32)
     scores_BxKxGxLxS = scores_BxKxGLxS.reshape(batch, num_kv_heads, groups, q_len, kv_len)
     # An additive [B, L, S] bias rather than a select: XLA:CPU materialised the select's broadcast
     # MASK_SCORE operand at the full [B, K, G, L, S] shape. Exact: s + 0 = s, and s + MASK_SCORE rounds
@@ -82,10 +82,10 @@ def _masked_scores(query_BxKxGxLxD, key_BxKxSxD, visible_BxLxS, sm_scale):
     return scores_BxKxGxLxS + mask_bias_BxLxS[:, None, None]
 
 
-def _block_forward(query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, visible_BxLxS, sm_scale):
+def _block_forward(scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, visible_BxLxS):
     """(out [B, K, G, L, D] in the value dtype, lse [B, K, G, L] float32) of one block of rows."""
-    batch, num_kv_heads, groups, q_len, head_dim = query_BxKxGxLxD.shape
-    scores_BxKxGxLxS = _masked_scores(query_BxKxGxLxD, key_BxKxSxD, visible_BxLxS, sm_scale)
+    batch, num_kv_heads, groups, q_len, head_dim = scaled_query_BxKxGxLxD.shape
+    scores_BxKxGxLxS = _masked_scores(scaled_query_BxKxGxLxD, key_BxKxSxD, visible_BxLxS)
     max_BxKxGxL = scores_BxKxGxLxS.max(axis=-1)
     probs_BxKxGxLxS = jnp.exp(scores_BxKxGxLxS - max_BxKxGxL[..., None])  # unnormalised
     scale_BxKxGxL, lse_BxKxGxL = finish_softmax(max_BxKxGxL, probs_BxKxGxLxS.sum(axis=-1))
@@ -96,9 +96,12 @@ def _block_forward(query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, visible_BxLxS, s
     return out_BxKxGxLxD.astype(value_BxKxSxD.dtype), lse_BxKxGxL
 
 
-def _block_backward(query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, dout_BxKxGxLxD, lse_BxKxGxL, delta_BxKxGxL,
-                    visible_BxLxS, sm_scale):
-    """(dq [B, K, G, L, D], dk, dv [B, K, S, D]) float32 of one block of rows, given its final LSE.
+def _block_backward(scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, dout_BxKxGxLxD, lse_BxKxGxL,
+                    delta_BxKxGxL, visible_BxLxS, sm_scale):
+    """(dq [B, K, G, L, D] of the unscaled query, dk, dv [B, K, S, D]) float32 of one block of rows, given
+    its final LSE. The softmax scale multiplies the small operands (Q before the forward, K here for dQ),
+    never an [L, S] array: a scalar times scores became a materialised [B, K, L, S] broadcast operand of
+    the fused XLA:CPU dot (8 MB zero-filled per encoder layer at the tiny preset).
 
     Computed on the transposed scores [S, G*L] (keys as rows): then dV = P^T dO and dK = dS^T Q contract
     the scores' minor axis. XLA:CPU runs a dot that contracts its large operand's major axis ("TN",
@@ -107,11 +110,10 @@ def _block_backward(query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, dout_BxKxGxLxD,
     two of them. The one left, dQ, is computed as dQ^T = K^T dS^T ([D, G*L]) from a transposed copy of
     the small K, then transposed back; the optimization barriers keep XLA from folding either
     transpose into the dot, which puts it back in a slow layout (it does fold them otherwise)."""
-    batch, num_kv_heads, groups, q_len, head_dim = query_BxKxGxLxD.shape
+    batch, num_kv_heads, groups, q_len, head_dim = scaled_query_BxKxGxLxD.shape
     kv_len = key_BxKxSxD.shape[2]
-    query_BxKxGLxD, dout_BxKxGLxD = _stack_rows(query_BxKxGxLxD), _stack_rows(dout_BxKxGxLxD)
-    scores_BxKxSxGL = jnp.einsum("bksd,bkld->bksl", key_BxKxSxD, query_BxKxGLxD,
-                                 preferred_element_type=jnp.float32) * sm_scale
+    query_BxKxGLxD, dout_BxKxGLxD = _stack_rows(scaled_query_BxKxGxLxD), _stack_rows(dout_BxKxGxLxD)
+    scores_BxKxSxGL = jnp.einsum("bksd,bkld->bksl", key_BxKxSxD, query_BxKxGLxD, preferred_element_type=jnp.float32)
     mask_bias_BxSxL = jnp.where(jnp.swapaxes(visible_BxLxS, 1, 2), 0.0, MASK_SCORE).astype(jnp.float32)
     scores_BxKxSxGxL = (scores_BxKxSxGL.reshape(batch, num_kv_heads, kv_len, groups, q_len)
                         + mask_bias_BxSxL[:, None, :, None, :])
@@ -122,12 +124,12 @@ def _block_backward(query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, dout_BxKxGxLxD,
                                 preferred_element_type=jnp.float32)
     dprobs_BxKxSxGL = jnp.einsum("bksd,bkld->bksl", value_BxKxSxD, dout_BxKxGLxD, preferred_element_type=jnp.float32)
     delta_BxKxGL = delta_BxKxGxL.reshape(batch, num_kv_heads, groups * q_len)
-    dscores_BxKxSxGL = (probs_BxKxSxGL * (dprobs_BxKxSxGL - delta_BxKxGL[:, :, None]) * sm_scale).astype(
+    dscores_BxKxSxGL = (probs_BxKxSxGL * (dprobs_BxKxSxGL - delta_BxKxGL[:, :, None])).astype(
         query_BxKxGLxD.dtype)
     dkey_BxKxSxD = jnp.einsum("bksl,bkld->bksd", dscores_BxKxSxGL, query_BxKxGLxD, preferred_element_type=jnp.float32)
-    key_BxKxDxS = jax.lax.optimization_barrier(jnp.swapaxes(key_BxKxSxD, 2, 3))
+    scaled_key_BxKxDxS = jax.lax.optimization_barrier(jnp.swapaxes(key_BxKxSxD, 2, 3) * sm_scale)
     dquery_BxKxDxGL = jax.lax.optimization_barrier(
-        jnp.einsum("bkds,bksl->bkdl", key_BxKxDxS, dscores_BxKxSxGL, preferred_element_type=jnp.float32))
+        jnp.einsum("bkds,bksl->bkdl", scaled_key_BxKxDxS, dscores_BxKxSxGL, preferred_element_type=jnp.float32))
     dquery_BxKxGxLxD = jnp.swapaxes(dquery_BxKxDxGL, 2, 3).reshape(batch, num_kv_heads, groups, q_len, head_dim)
     return dquery_BxKxGxLxD, dkey_BxKxSxD, dvalue_BxKxSxD
 
@@ -146,23 +148,24 @@ def _whole_row_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_
 
 def _whole_row_forward(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_q_BxL, segment_ids_kv_BxS, causal):
     q_len, kv_len, head_dim = query_BxLxHxD.shape[1], key_BxSxKxD.shape[1], query_BxLxHxD.shape[3]
-    query_BxKxGxLxD = _group_major(query_BxLxHxD, key_BxSxKxD.shape[2])
+    sm_scale = head_dim ** -0.5
+    scaled_query_BxKxGxLxD = (_group_major(query_BxLxHxD, key_BxSxKxD.shape[2]) * sm_scale).astype(query_BxLxHxD.dtype)
     key_BxKxSxD, value_BxKxSxD = key_BxSxKxD.transpose(0, 2, 1, 3), value_BxSxKxD.transpose(0, 2, 1, 3)
     visible = _visible(causal, segment_ids_q_BxL, segment_ids_kv_BxS, q_len, kv_len)
     outs, lses = zip(*[
-        _block_forward(query_BxKxGxLxD[:, :, :, first:end], key_BxKxSxD[:, :, :key_end],
-                       value_BxKxSxD[:, :, :key_end], visible[:, first:end, :key_end], head_dim ** -0.5)
+        _block_forward(scaled_query_BxKxGxLxD[:, :, :, first:end], key_BxKxSxD[:, :, :key_end],
+                       value_BxKxSxD[:, :, :key_end], visible[:, first:end, :key_end])
         for first, end, key_end in _row_blocks(q_len, kv_len, causal)])
     out_BxKxGxLxD, lse_BxKxGxL = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
-    residuals = (query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, segment_ids_q_BxL, segment_ids_kv_BxS, out_BxKxGxLxD,
+    residuals = (scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, segment_ids_q_BxL, segment_ids_kv_BxS, out_BxKxGxLxD,
                  lse_BxKxGxL)
     return _heads_last(out_BxKxGxLxD).astype(query_BxLxHxD.dtype), residuals
 
 
 def _whole_row_backward(causal, residuals, dout_BxLxHxD):
-    query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, segment_ids_q_BxL, segment_ids_kv_BxS, out_BxKxGxLxD, lse_BxKxGxL = (
-        residuals)
-    q_len, kv_len, head_dim = query_BxKxGxLxD.shape[3], key_BxKxSxD.shape[2], query_BxKxGxLxD.shape[4]
+    (scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, segment_ids_q_BxL, segment_ids_kv_BxS, out_BxKxGxLxD,
+     lse_BxKxGxL) = residuals
+    q_len, kv_len, head_dim = scaled_query_BxKxGxLxD.shape[3], key_BxKxSxD.shape[2], scaled_query_BxKxGxLxD.shape[4]
     dout_BxKxGxLxD = _group_major(dout_BxLxHxD, key_BxKxSxD.shape[1])
     delta_BxKxGxL = jnp.sum(out_BxKxGxLxD.astype(jnp.float32) * dout_BxKxGxLxD.astype(jnp.float32), axis=-1)
     visible = _visible(causal, segment_ids_q_BxL, segment_ids_kv_BxS, q_len, kv_len)
@@ -172,7 +175,7 @@ def _whole_row_backward(causal, residuals, dout_BxLxHxD):
     for first, end, key_end in _row_blocks(q_len, kv_len, causal):
         rows = slice(first, end)
         dquery, dkey, dvalue = _block_backward(
-            query_BxKxGxLxD[:, :, :, rows], key_BxKxSxD[:, :, :key_end], value_BxKxSxD[:, :, :key_end],
+            scaled_query_BxKxGxLxD[:, :, :, rows], key_BxKxSxD[:, :, :key_end], value_BxKxSxD[:, :, :key_end],
             dout_BxKxGxLxD[:, :, :, rows], lse_BxKxGxL[..., rows], delta_BxKxGxL[..., rows],
             visible[:, rows, :key_end], head_dim ** -0.5)
         dquery_blocks.append(dquery)
