@@ -156,18 +156,23 @@ def _whole_row_forward(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_q_
         _block_forward(scaled_query_BxKxGxLxD[:, :, :, first:end], key_BxKxSxD[:, :, :key_end],
                        value_BxKxSxD[:, :, :key_end], visible[:, first:end, :key_end])
         for first, end, key_end in _row_blocks(q_len, kv_len, causal)])
-    out_BxKxGxLxD, lse_BxKxGxL = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
-    residuals = (scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, segment_ids_q_BxL, segment_ids_kv_BxS, out_BxKxGxLxD,
+    lse_BxKxGxL = jnp.concatenate(lses, axis=3)
+    out_BxLxHxD = _heads_last(jnp.concatenate(outs, axis=3)).astype(query_BxLxHxD.dtype)
+    # The output is saved in the layout it is returned in: the same array the next layer's projection
+    # keeps for its own backward, so the layer scan stacks it once, not once per layout.
+    residuals = (scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, segment_ids_q_BxL, segment_ids_kv_BxS, out_BxLxHxD,
                  lse_BxKxGxL)
-    return _heads_last(out_BxKxGxLxD).astype(query_BxLxHxD.dtype), residuals
+    return out_BxLxHxD, residuals
 
 
 def _whole_row_backward(causal, residuals, dout_BxLxHxD):
-    (scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, segment_ids_q_BxL, segment_ids_kv_BxS, out_BxKxGxLxD,
+    (scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, segment_ids_q_BxL, segment_ids_kv_BxS, out_BxLxHxD,
      lse_BxKxGxL) = residuals
     q_len, kv_len, head_dim = scaled_query_BxKxGxLxD.shape[3], key_BxKxSxD.shape[2], scaled_query_BxKxGxLxD.shape[4]
-    dout_BxKxGxLxD = _group_major(dout_BxLxHxD, key_BxKxSxD.shape[1])
-    delta_BxKxGxL = jnp.sum(out_BxKxGxLxD.astype(jnp.float32) * dout_BxKxGxLxD.astype(jnp.float32), axis=-1)
+    num_kv_heads = key_BxKxSxD.shape[1]
+    dout_BxKxGxLxD = _group_major(dout_BxLxHxD, num_kv_heads)
+    delta_BxLxH = jnp.sum(out_BxLxHxD.astype(jnp.float32) * dout_BxLxHxD.astype(jnp.float32), axis=-1)
+    delta_BxKxGxL = _group_major(delta_BxLxH[..., None], num_kv_heads)[..., 0]
     visible = _visible(causal, segment_ids_q_BxL, segment_ids_kv_BxS, q_len, kv_len)
     dquery_blocks = []
     dkey_BxKxSxD = jnp.zeros(key_BxKxSxD.shape, jnp.float32)
