@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from af_next_jax.config import DecoderConfig
 from af_next_jax.model import axes
 from af_next_jax.model.attention import dot_product_attention
+from af_next_jax.model.contract import dense_layout_for_remat
 from af_next_jax.model.layers import DEFAULT_KERNEL_INIT, RMSNorm, dense, stack_layers, swiglu
 
 ACTIVATION_AXES = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
@@ -158,7 +159,8 @@ class Decoder(nn.Module):
         return axes.constrain(embeds_BxLxD, ACTIVATION_AXES)
 
     def __call__(self, embeds_BxLxD, positions_BxL, segment_ids_BxL):
-        hidden_BxLxD, _ = self.layers(embeds_BxLxD, positions_BxL, segment_ids_BxL, None, None)
+        with dense_layout_for_remat(self.remat_policy):
+            hidden_BxLxD, _ = self.layers(embeds_BxLxD, positions_BxL, segment_ids_BxL, None, None)
         return self.norm(hidden_BxLxD)
 
     def decode(self, embeds_BxLxD, positions_BxL, segment_ids_BxL, cache):

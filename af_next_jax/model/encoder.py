@@ -12,6 +12,7 @@ import flax.linen as nn
 from af_next_jax.attention.dispatch import dot_product_attention
 from af_next_jax.config import EncoderConfig, encoder_tokens_for_frames
 from af_next_jax.model import axes
+from af_next_jax.model.contract import dense_layout_for_remat
 from af_next_jax.model.layers import dense, gelu_exact, layer_norm, stack_layers
 
 
@@ -92,9 +93,10 @@ class AudioEncoder(nn.Module):
 
         valid_after_conv_N = (mel_valid_frames_N - 1) // 2 + 1
         key_valid_NxP = jnp.arange(config.max_source_positions)[None, :] < valid_after_conv_N[:, None]
-        x_NxPxD, _ = stack_layers(EncoderLayer, num_layers=config.num_layers, remat=self.remat_policy,
-                                  scan=self.scan_layers, name="layers", config=config, dtype=self.dtype,
-                                  attention_kernel=self.attention_kernel)(x_NxPxD, key_valid_NxP)
+        with dense_layout_for_remat(self.remat_policy):
+            x_NxPxD, _ = stack_layers(EncoderLayer, num_layers=config.num_layers, remat=self.remat_policy,
+                                      scan=self.scan_layers, name="layers", config=config, dtype=self.dtype,
+                                      attention_kernel=self.attention_kernel)(x_NxPxD, key_valid_NxP)
         windows, positions, hidden = x_NxPxD.shape
         x_NxTxD = x_NxPxD.reshape(windows, positions // 2, 2, hidden).mean(axis=2)  # AvgPool1d(2, 2)
         x_NxTxD = layer_norm(epsilon=config.layer_norm_eps, name="layer_norm", dtype=self.dtype,

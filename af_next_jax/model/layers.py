@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from af_next_jax.model import axes
+from af_next_jax.model.contract import contract, cpu_backward_layouts
 
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -29,9 +30,7 @@ class Dense(nn.Module):
         contracted_shape = x.shape[x.ndim - self.contract_dims:]
         kernel = self.param("kernel", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, self.kernel_axes),
                             contracted_shape + self.features, jnp.float32)
-        x_axes = tuple(range(x.ndim - self.contract_dims, x.ndim))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                ((x_axes, tuple(range(self.contract_dims))), ((), ())))
+        y = contract(x.astype(self.dtype), kernel.astype(self.dtype), self.contract_dims)
         if self.use_bias:
             bias_axes = self.kernel_axes[self.contract_dims:]
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes),
@@ -76,9 +75,17 @@ def gelu_exact(x):
     return jax.nn.gelu(x, approximate=False)
 
 
-@jax.custom_vjp
 def swiglu(gate, up):
-    """silu(gate) * up, Qwen2's MLP activation, with a backward that keeps only gate and up.
+    """silu(gate) * up, Qwen2's MLP activation; on the CPU without remat with `_swiglu_keeping_inputs`'s
+    backward (model/contract.py, `cpu_backward_layouts`), elsewhere plain autodiff."""
+    if cpu_backward_layouts():
+        return _swiglu_keeping_inputs(gate, up)
+    return jax.nn.silu(gate) * up
+
+
+@jax.custom_vjp
+def _swiglu_keeping_inputs(gate, up):
+    """silu(gate) * up with a backward that keeps only gate and up.
 
     Autodiff of `jax.nn.silu(gate) * up` keeps four [tokens, intermediate] tensors per layer (the
     sigmoid, its complement, silu and up), which the layer scan stacks for the backward pass; this
@@ -88,7 +95,7 @@ def swiglu(gate, up):
 
 
 def _swiglu_forward(gate, up):
-    return swiglu(gate, up), (gate, up)
+    return _swiglu_keeping_inputs(gate, up), (gate, up)
 
 
 def _swiglu_backward(residuals, dh):
@@ -98,7 +105,7 @@ def _swiglu_backward(residuals, dh):
     return dgate, dh * (gate * sigmoid)
 
 
-swiglu.defvjp(_swiglu_forward, _swiglu_backward)
+_swiglu_keeping_inputs.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 def remat_policy(name: str):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from af_next_jax.model.contract import contract
+
 
 def largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, max(1, limit)) + 1) if n % d == 0)
@@ -51,8 +53,7 @@ def chunked_cross_entropy(hidden_BxLxD, lm_head_DxV, target_ids_BxL, loss_mask_B
 
     @jax.checkpoint
     def chunk_sums(hidden_BxCxD, target_BxC, mask_BxC):
-        logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD.astype(compute_dtype), lm_head_DxV,
-                                  preferred_element_type=jnp.float32)
+        logits_BxCxV = contract(hidden_BxCxD.astype(compute_dtype), lm_head_DxV, preferred_element_type=jnp.float32)
         log_normaliser_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
         target_logit_BxC = jnp.take_along_axis(logits_BxCxV, target_BxC[..., None], axis=-1)[..., 0]
         loss = jnp.sum((log_normaliser_BxC - target_logit_BxC) * mask_BxC)
