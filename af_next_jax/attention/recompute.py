@@ -14,9 +14,11 @@ last row, which skips the tiles above the diagonal.
 
 Layout: GQA is computed without repeating K/V, the G = H/K query heads of one K/V head stacked along
 the query axis, so every matmul is a plain batched [B, K] matmul (XLA:CPU runs a dot with several free
-dimensions ~4x slower). The residuals are saved in that layout, so the backward transposes only dO
-and dQ. Masks follow masking.py's convention: a row that sees no key gets output 0, lse
-EMPTY_ROW_LSE and zero gradients.
+dimensions ~4x slower). q (pre-scaled by 1/sqrt(D)), k and v are saved in that layout; the output is
+saved as returned ([B, L, H, D], the array o_proj keeps anyway). The backward works on the transposed
+scores ([S, G*L], see `_block_backward`) so that its dots are in the layouts XLA:CPU runs fast. Masks
+follow masking.py's convention: a row that sees no key gets output 0, lse EMPTY_ROW_LSE and zero
+gradients.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ on [B*L, D]; and autodiff's weight gradient contracts the token axes of x and dy
 "TN" dot), which it runs slowly and for which it fuses a transposing copy of the larger operand into
 that operand's producer (the MLP's [tokens, intermediate] gradient). Here every product is a
 [tokens, in] x [in, out] style matmul and the weight gradient is x^T dy with x transposed explicitly,
-behind an optimization barrier so that XLA cannot fold the transpose back into the dot.
+behind an optimization barrier so that XLA cannot fold the transpose back into the dot. Train step of
+benchmarks/train_step.py (tiny preset, 2-core CPU), old and new alternating in one process: Dense layers
+0.89-0.90x the wall time, the loss's lm_head 0.85x, both 0.78-0.80x.
 
 A custom VJP hides its dot from jax.checkpoint's policies ("dots" would recompute it instead of saving
 it), so layer stacks under a remat policy are traced inside `dense_layout_for_remat(policy)`, which
