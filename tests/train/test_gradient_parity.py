@@ -27,8 +27,8 @@ FRAMES = tiny().encoder.mel_frames_per_window
 def both_gradients():
     config = tiny()
     hf_model, params = build_audio_model(config, seed=3)
-    # 512 tokens: causal attention runs in row blocks (recompute.CAUSAL_ROW_BLOCKS); the second audio's
-    # last window is partly padding, so the encoder's masked keys are in the backward pass too.
+    # 512 tokens: causal attention runs in row blocks (recompute.CAUSAL_ROW_BLOCKS); the first audio's
+    # second window is partly padding, so the encoder's masked keys are in the backward pass too.
     batch = synthetic_batch(config, audio_frames_per_example=[[FRAMES + 260], [FRAMES]], seq_len=512,
                             num_windows=4, seed=11)
 
