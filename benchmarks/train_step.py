@@ -130,12 +130,17 @@ def benchmark_batch(batch_size: int, seq_len: int, windows: int):
     return config, batch
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
+def add_batch_arguments(parser) -> None:
+    """--batch, --seq-len, --windows: the `benchmark_batch` both train-step benchmarks time."""
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    add_batch_arguments(parser)
     args = parser.parse_args(argv)
 
     config, batch = benchmark_batch(args.batch, args.seq_len, args.windows)

@@ -25,7 +25,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_step import benchmark_batch, build_jax_train_step, build_torch_training  # noqa: E402
+from train_step import add_batch_arguments, benchmark_batch, build_jax_train_step, build_torch_training  # noqa: E402
 
 # (part, patterns on the HLO op_name / torch module path), first match wins. One list for both
 # frameworks so the rows mean the same thing on both sides.
@@ -228,9 +228,7 @@ def profile_torch(config, batch, steps: int, threads: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=8)
+    add_batch_arguments(parser)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--top", type=int, default=15, help="how many of our largest kernels to list")
