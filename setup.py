@@ -30,6 +30,8 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "psutil>=5.9",
+        # Rendering a released checkpoint's own chat template (generate --hf-dir on AF3 / Music Flamingo).
+        "jinja2>=3.1.6",
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.24", "tiktoken>=0.7"],

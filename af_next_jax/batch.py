@@ -41,6 +41,19 @@ def zeros_batch(config: ModelConfig, *, batch_size: int, seq_len: int, num_windo
             "window_index": np.zeros((num_windows,), np.int32)}
 
 
+def abstract_batch(config: ModelConfig, *, batch_size: int, seq_len: int, num_windows: int, leading=(),
+                   shardings: dict | None = None) -> dict:
+    """`zeros_batch`'s layout as jax.ShapeDtypeStructs (with `leading` axes first, e.g. (micro-batches,)),
+    allocating nothing: the mel windows of a 7B batch alone are gigabytes."""
+    import jax
+
+    example = zeros_batch(config, batch_size=1, seq_len=1, num_windows=1)
+    sizes = {name: (batch_size, seq_len) for name in TEXT_FIELDS} | {name: (num_windows,) for name in AUDIO_FIELDS}
+    return {name: jax.ShapeDtypeStruct(tuple(leading) + sizes[name] + value.shape[len(sizes[name]):], value.dtype,
+                                       sharding=(shardings or {}).get(name))
+            for name, value in example.items()}
+
+
 def validate_batch(batch: dict, config: ModelConfig) -> None:
     """Host-side check of the contract above; raises ValueError naming the field and the numbers."""
     missing = [name for name in FIELDS if name not in batch]

@@ -8,15 +8,16 @@ Numbers for the 7B presets come from ../shared/REFERENCE.md (Whisper-large-v3 en
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Literal
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
 # Attention is two independent choices (af_next_jax/attention/platform.py explains both):
 ATTENTION_KERNELS = ("auto", "xla", "pallas")                 # how one device computes its block
 SEQUENCE_PARALLELISM = ("none", "ring", "ulysses", "hybrid")  # how the decoder sequence is split
-# Deprecated: the old single knob that picked both; still read (experiments, converted checkpoints).
-ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", "ring", "ulysses", "hybrid")
+SEQUENCE_PARALLEL_STRATEGIES = tuple(s for s in SEQUENCE_PARALLELISM if s != "none")
+# The strategies whose ring runs over a causal mask: they need the zigzag layout (parallel/layout.py)
+# so every ring step has the same work; Ulysses attends over whole sequences and needs no reordering.
+LOAD_BALANCED_STRATEGIES = ("ring", "hybrid")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 # Whisper front end: 16 kHz audio, 10 ms mel hop. conv2 (stride 2) and the average pool (2) make one
@@ -31,27 +32,47 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def attention_from_legacy(implementation: str) -> tuple[str, str]:
-    """(attention_kernel, sequence_parallelism) that an old `attention_implementation` meant:
-    "xla"/"pallas" chose the kernel without sequence parallelism; "ring"/"ulysses"/"hybrid" the
-    strategy, with Pallas blocks unless on the CPU, which is the kernel "auto"."""
-    _require(implementation in ATTENTION_IMPLEMENTATIONS,
-             f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r} "
-             f"(deprecated: set attention_kernel in {ATTENTION_KERNELS} and sequence_parallelism in "
-             f"{SEQUENCE_PARALLELISM} instead)")
-    if implementation in SEQUENCE_PARALLELISM:
-        return "auto", implementation
-    return implementation, "none"
+# The one-knob `attention_implementation` (xla | pallas | ring | ulysses | hybrid) that picked both
+# choices was removed; a config that still sets it is refused with what to set instead.
+REMOVED_ATTENTION_FIELD = "attention_implementation"
 
 
-def _warn_legacy_attention(legacy: str, kernel: str, strategy: str) -> None:
-    warnings.warn(f"attention_implementation={legacy!r} is deprecated: read as attention_kernel={kernel!r}, "
-                  f"sequence_parallelism={strategy!r}; set those two instead", DeprecationWarning, stacklevel=4)
+def _removed_attention_message(value) -> str:
+    if value in SEQUENCE_PARALLEL_STRATEGIES:
+        meaning = f"{value!r} meant attention_kernel='auto', sequence_parallelism={value!r}"
+    elif value in ATTENTION_KERNELS:
+        meaning = f"{value!r} meant attention_kernel={value!r}, sequence_parallelism='none'"
+    else:
+        meaning = f"{value!r} was never a valid value"
+    return (f"{REMOVED_ATTENTION_FIELD} was removed: set attention_kernel (one of {ATTENTION_KERNELS}) and "
+            f"sequence_parallelism (one of {SEQUENCE_PARALLELISM}) instead; {REMOVED_ATTENTION_FIELD}={meaning}")
 
 
-def legacy_attention_name(kernel: str, sequence_parallelism: str) -> str:
-    """The old one-knob name of a (kernel, strategy) pair, for code that still reads it."""
-    return sequence_parallelism if sequence_parallelism != "none" else kernel
+def drop_stored_legacy_attention(fields: dict) -> dict:
+    """`fields` (a ModelConfig as `dataclasses.asdict` stored it) without the removed
+    `attention_implementation`, for reading configs written by earlier versions.
+
+    Versions that had both new fields stored the old name derived from them (the strategy, or the kernel
+    without sequence parallelism): it is dropped when it says the same, refused when it does not.
+    Versions before the split stored the old name alone: it is read as the pair it meant."""
+    fields = dict(fields)
+    if REMOVED_ATTENTION_FIELD not in fields:
+        return fields
+    stored = fields.pop(REMOVED_ATTENTION_FIELD)
+    if "attention_kernel" not in fields and "sequence_parallelism" not in fields:
+        if stored in SEQUENCE_PARALLEL_STRATEGIES:
+            return {**fields, "attention_kernel": "auto", "sequence_parallelism": stored}
+        if stored in ATTENTION_KERNELS:
+            return {**fields, "attention_kernel": stored, "sequence_parallelism": "none"}
+        raise ValueError(_removed_attention_message(stored))
+    kernel = fields.get("attention_kernel", ModelConfig.attention_kernel)
+    strategy = fields.get("sequence_parallelism", ModelConfig.sequence_parallelism)
+    derived = strategy if strategy != "none" else kernel
+    _require(stored == derived,
+             f"stored {REMOVED_ATTENTION_FIELD}={stored!r} contradicts attention_kernel={kernel!r}, "
+             f"sequence_parallelism={strategy!r} stored beside it (earlier versions wrote {derived!r} for "
+             f"those): delete {REMOVED_ATTENTION_FIELD} and check the two fields")
+    return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,12 +195,7 @@ class DecoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The whole AF-Next model plus its numerics (dtype, remat, scan, attention kernel and strategy).
-
-    `attention_implementation` is deprecated and derived: after construction it always holds
-    `legacy_attention_name(attention_kernel, sequence_parallelism)`. Given a value that the two new
-    fields do not already say (an old experiment file or checkpoint), it sets them, with a warning.
-    """
+    """The whole AF-Next model plus its numerics (dtype, remat, scan, attention kernel and strategy)."""
 
     encoder: EncoderConfig = EncoderConfig()
     rote: RoteConfig | None = RoteConfig()  # None = Audio Flamingo 3 (no RoTE)
@@ -194,10 +210,18 @@ class ModelConfig:
     scan_layers: bool = True
     attention_kernel: str = "xla"
     sequence_parallelism: str = "none"
-    attention_implementation: str | None = None  # deprecated, see the class docstring
+
+    def __new__(cls, *args, **fields):
+        # Before the dataclass __init__, which would refuse the removed field with a bare TypeError:
+        # ModelConfig(...), preset(...), .replace(...) and experiment files all construct through here.
+        _require(REMOVED_ATTENTION_FIELD not in fields, _removed_attention_message(fields.get(REMOVED_ATTENTION_FIELD)))
+        return super().__new__(cls)
 
     def __post_init__(self):
-        self._resolve_legacy_attention()
+        _require(self.attention_kernel in ATTENTION_KERNELS,
+                 f"attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}")
+        _require(self.sequence_parallelism in SEQUENCE_PARALLELISM,
+                 f"sequence_parallelism must be one of {SEQUENCE_PARALLELISM}, got {self.sequence_parallelism!r}")
         _require(self.compute_dtype in COMPUTE_DTYPES,
                  f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         _require(self.remat_policy in REMAT_POLICIES,
@@ -220,37 +244,9 @@ class ModelConfig:
     def max_audio_tokens(self) -> int:
         return self.max_windows_per_audio * self.encoder.tokens_per_window
 
-    def _resolve_legacy_attention(self):
-        _require(self.attention_kernel in ATTENTION_KERNELS,
-                 f"attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}")
-        _require(self.sequence_parallelism in SEQUENCE_PARALLELISM,
-                 f"sequence_parallelism must be one of {SEQUENCE_PARALLELISM}, got {self.sequence_parallelism!r}")
-        derived = legacy_attention_name(self.attention_kernel, self.sequence_parallelism)
-        legacy = self.attention_implementation
-        if legacy is not None and legacy != derived:
-            kernel, strategy = attention_from_legacy(legacy)
-            defaults = (ModelConfig.attention_kernel, ModelConfig.sequence_parallelism)
-            _require((self.attention_kernel, self.sequence_parallelism) == defaults,
-                     f"attention_implementation={legacy!r} (deprecated) contradicts attention_kernel="
-                     f"{self.attention_kernel!r}, sequence_parallelism={self.sequence_parallelism!r}; "
-                     f"drop attention_implementation")
-            _warn_legacy_attention(legacy, kernel, strategy)
-            object.__setattr__(self, "attention_kernel", kernel)
-            object.__setattr__(self, "sequence_parallelism", strategy)
-            derived = legacy_attention_name(kernel, strategy)
-        object.__setattr__(self, "attention_implementation", derived)
-
     def replace(self, **changes) -> "ModelConfig":
-        """dataclasses.replace, where the deprecated `attention_implementation` and the two attention
-        fields stay consistent: changing the old knob re-derives both new ones, and vice versa."""
-        legacy = changes.pop("attention_implementation", None)
-        if legacy is not None and not {"attention_kernel", "sequence_parallelism"} & set(changes):
-            kernel, strategy = attention_from_legacy(legacy)
-            _warn_legacy_attention(legacy, kernel, strategy)
-            changes.update(attention_kernel=kernel, sequence_parallelism=strategy)
-            legacy = None
-        # None: derived again from the (new) fields on construction; otherwise checked against them.
-        return dataclasses.replace(self, **changes, attention_implementation=legacy)
+        """`dataclasses.replace(self, **changes)`."""
+        return dataclasses.replace(self, **changes)
 
 
 def tiny(**overrides) -> ModelConfig:

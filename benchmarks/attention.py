@@ -64,6 +64,9 @@ def benchmark(attention, batch, length, with_backward, repeats):
 
 
 def main():
+    from af_next_jax.process_setup import configure_cli_process
+
+    configure_cli_process()  # the XLA:CPU flags and allocator settings the commands use, as measured
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--tokens", type=int, default=65536, help="batch x length per measurement")

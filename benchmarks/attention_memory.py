@@ -14,7 +14,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from af_next_jax.model.attention import dot_product_attention
+from af_next_jax.attention.dispatch import dot_product_attention
 
 BATCH, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 1, 4, 1, 128
 
@@ -34,6 +34,9 @@ def temp_bytes(implementation, length, dtype=jnp.bfloat16):
 
 
 def main():
+    from af_next_jax.process_setup import configure_cli_process
+
+    configure_cli_process()  # the XLA:CPU flags and allocator settings the commands use, as measured
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     args = parser.parse_args()

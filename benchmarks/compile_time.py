@@ -37,6 +37,9 @@ def compile_seconds(num_layers: int, scan: bool) -> float:
 
 
 def main() -> None:
+    from af_next_jax.process_setup import configure_cli_process
+
+    configure_cli_process()  # the XLA:CPU flags and allocator settings the commands use, as measured
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 16])
     args = parser.parse_args()

@@ -140,6 +140,9 @@ def tiny_train_step_seconds(batch: dict, model_config, repeats: int = 5) -> floa
 
 
 def main() -> None:
+    from af_next_jax.process_setup import configure_cli_process
+
+    configure_cli_process()  # the XLA:CPU flags and allocator settings the commands use, as measured
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=8, help="30 s clips for the feature benchmark")
     parser.add_argument("--batches", type=int, default=12, help="timed batches per pipeline setting")

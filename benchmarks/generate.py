@@ -89,6 +89,9 @@ def kv_cache_table() -> list[str]:
 
 
 def main() -> None:
+    from af_next_jax.process_setup import configure_cli_process
+
+    configure_cli_process()  # the XLA:CPU flags and allocator settings the commands use, as measured
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -58,20 +58,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh
 
 from af_next_jax.compile.report import bytes_per_device
-from af_next_jax.compile.steps import abstract_batch
-from af_next_jax.model.af_next import AFNextModel
-from af_next_jax.parallel import logical_axis_rules
-from af_next_jax.parallel.mesh import MESH_AXES
-from af_next_jax.train import experiment
+from af_next_jax.experiment import build_program, experiment_from
 from af_next_jax.train.loss import largest_divisor_at_most
-from af_next_jax.train.optimizer import STAGES, make_optimizer, parameter_labels
-from af_next_jax.train.state import abstract_state, sharded_setup, unbox
 
 F32 = 4  # the parameter dtype; activations use the compute dtype's width (`act`)
 
@@ -132,45 +124,30 @@ def _layer_backward_per_token(decoder, tensor: int, act: int) -> int:
 
 
 def abstract_inputs(config, num_devices: int):
-    """(sizes, {"parameters", "optimizer state", "gradients", "batch"} bytes per device) from shardings."""
-    model_config = experiment.model_config_from(config)
-    mesh_config = experiment.mesh_config_from(config)
-    sizes = mesh_config.axis_sizes(num_devices)
-    mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-    rules = logical_axis_rules(mesh_config)
-    data = config.data
-    example = abstract_batch(model_config, batch_size=data.batch_size, seq_len=data.seq_len,
-                             num_windows=data.max_windows_per_batch)
-    model = AFNextModel(model_config)
-    with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract_params = unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), example))
-        labels = parameter_labels(abstract_params, config.stage)
-        optimizer, _ = make_optimizer(config.optimizer, labels, config.total_steps)
-        setup = sharded_setup(model, optimizer, example, mesh, rules)
-        state = abstract_state(setup, optimizer)
-    trained = jax.tree.map(lambda label, leaf: leaf if label != "frozen" else None, labels, state.params)
-    accum = config.grad_accum_steps
-    step_batch = {name: jax.ShapeDtypeStruct((accum,) + value.shape, value.dtype,
-                                             sharding=setup.step_batch_shardings[name])
-                  for name, value in example.items()}
-    return model_config, sizes, {"parameters": bytes_per_device(state.params),
-                                 "optimizer state": bytes_per_device(state.opt_state),
-                                 "gradients": bytes_per_device([leaf for leaf in jax.tree.leaves(trained)]),
-                                 "batch": bytes_per_device(step_batch)}
+    """(the Program's experiment, its mesh sizes, {"parameters", "optimizer state", "gradients", "batch"}
+    bytes per device): from the shardings `build_program` gives the trainer, on an abstract mesh."""
+    program = build_program(experiment_from(config), num_devices)
+    state = program.abstract_state()
+    trained = jax.tree.map(lambda label, leaf: leaf if label != "frozen" else None, program.labels, state.params)
+    return program.experiment, program.mesh_sizes, {
+        "parameters": bytes_per_device(state.params), "optimizer state": bytes_per_device(state.opt_state),
+        "gradients": bytes_per_device([leaf for leaf in jax.tree.leaves(trained)]),
+        "batch": bytes_per_device(program.step_batch)}
 
 
 def plan(config, num_devices: int) -> Plan:
-    model_config, sizes, persistent = abstract_inputs(config, num_devices)
+    experiment, sizes, persistent = abstract_inputs(config, num_devices)
+    model_config, trainer = experiment.model, experiment.trainer
     # Allocated as the backward pass produces them; with accumulation, the running sum and this micro-batch's.
-    gradients = persistent.pop("gradients") * (2 if config.grad_accum_steps > 1 else 1)
+    gradients = persistent.pop("gradients") * (2 if trainer.grad_accum_steps > 1 else 1)
     decoder, encoder = model_config.decoder, model_config.encoder
-    data, tensor = config.data, sizes["tensor"]
-    trained = STAGES[config.stage]
+    data, tensor = experiment.data, sizes["tensor"]
+    trained = trainer.trained_groups
     policy = model_config.remat_policy
     act = np.dtype(model_config.compute_dtype).itemsize
     sequence_shards = sizes["ring"] * sizes["ulysses"]
-    window_shards = sizes["data"] * sizes["fsdp"] * (sequence_shards if config.mesh.shard_windows_over_sequence else 1)
+    window_shards = sizes["data"] * sizes["fsdp"] * (sequence_shards if experiment.mesh.shard_windows_over_sequence
+                                                     else 1)
     rows = data.batch_size // (sizes["data"] * sizes["fsdp"])
     tokens = rows * data.seq_len // sequence_shards
     windows = math.ceil(data.max_windows_per_batch / window_shards)
@@ -190,7 +167,7 @@ def plan(config, num_devices: int) -> Plan:
                "encoder convolutions and projector, kept for their backward": frontend + projector,
                "text embeddings": tokens * decoder.hidden_size * act}
 
-    chunk = largest_divisor_at_most(data.seq_len, config.loss_chunk_length)
+    chunk = largest_divisor_at_most(data.seq_len, trainer.loss_chunk_length)
     logits = rows * max(1, chunk // sequence_shards) * decoder.vocab_size // tensor * F32
     # The chunk's float32 logits, their bf16 cotangent and the lm_head gathered in bf16.
     loss_chunk = logits + logits // 2 + embed_table

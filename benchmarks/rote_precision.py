@@ -41,6 +41,9 @@ def ours(features_NxTxD: np.ndarray, config) -> np.ndarray:
 
 
 def main(argv=None) -> int:
+    from af_next_jax.process_setup import configure_cli_process
+
+    configure_cli_process()  # the XLA:CPU flags and allocator settings the commands use, as measured
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="af_next_7b")
     parser.add_argument("--windows", type=int, default=60)

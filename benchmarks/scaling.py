@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memory_plan  # noqa: E402
 
 from af_next_jax.compile.topology import GIB, parse_topology  # noqa: E402
-from af_next_jax.train import experiment  # noqa: E402
+from af_next_jax import experiment  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "benchmarks", "compiled_memory.json")
@@ -63,7 +63,7 @@ def load_config(name_or_spec: str, overrides=()):
 
 def gpu_node_overrides(config) -> list[str]:
     """One node of a GPU mesh: drop the DCN (across-node) axes and keep each device's rows and windows."""
-    nodes = experiment.mesh_config_from(config).num_slices
+    nodes = experiment.experiment_from(config).mesh.num_slices
     return [f"mesh.dcn_{axis}=1" for axis in ("data", "fsdp", "ring", "ulysses", "tensor")] + [
         f"data.batch_size={config.data.batch_size // nodes}",
         f"data.max_windows_per_batch={config.data.max_windows_per_batch // nodes}"]
@@ -186,7 +186,7 @@ def plan_rows(cache: dict) -> list[dict]:
         plan = memory_plan.plan(config, topology.devices_total)
         compiled = cache["tpu"].get(name)
         rows.append(dict(name=name, config=config, topology=topology, plan=plan, compiled=compiled,
-                         sizes=experiment.mesh_config_from(config).axis_sizes(topology.devices_total)))
+                         sizes=experiment.experiment_from(config).mesh.axis_sizes(topology.devices_total)))
     return rows
 
 
@@ -234,7 +234,7 @@ def gpu_section(cache: dict) -> str:
     config = load_config(GPU_NODE_SPEC)
     overrides = gpu_node_overrides(config)
     node = memory_plan.plan(load_config(GPU_NODE_SPEC, overrides), GPU_NODE_DEVICES)
-    sizes = experiment.mesh_config_from(config)
+    sizes = experiment.experiment_from(config).mesh
     whole = memory_plan.plan(config, sizes.num_slices * GPU_NODE_DEVICES)
     lines = ["### GPU meshes", "",
              f"`{GPU_NODE_SPEC}` ({sizes.num_slices} nodes x {GPU_NODE_DEVICES} H100, 80 GiB): the planner says "
@@ -257,7 +257,61 @@ def page(cache: dict) -> str:
     tpu = [entry for entry in cache["tpu"].values()]
     stamp = ", ".join(sorted({f"libtpu {e['versions'].get('libtpu')}, jax {e['versions'].get('jax')}, {e['date']}"
                               for e in tpu})) or "not compiled"
-    return HEADER.format(stamp=stamp, tolerance=int(TOLERANCE * 100)) + report(cache) + "\n\n" + LAUNCH
+    return (HEADER.format(stamp=stamp, tolerance=int(TOLERANCE * 100)) + report(cache) + "\n\n" + LAUNCH
+            + "\n" + feeding_section())
+
+
+LONG_CONTEXT = "experiments/af_next_stage4_long_context.py"
+# Stage 4's GPU mesh on 64 GPUs, as 16 nodes x 4 GPUs (its own dcn_ring 8 x dcn_fsdp 2) and as 8 x 8
+# (the ring across the 8 nodes, FSDP 2 inside each).
+GPU_LAYOUTS = {"16 nodes x 4 H100": (16, 4, []),
+               "8 nodes x 8 H100": (8, 8, ["mesh.dcn_fsdp=1"])}
+
+
+class StandInGpu:
+    """A device with what the mesh and the feeding plan read: no GPU is needed to lay out a cluster.
+    (A plain class: numpy would unpack a tuple or a dataclass-free sequence into fields.)"""
+
+    platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+
+    def __init__(self, index: int, process_index: int):
+        self.id, self.process_index = index, process_index
+
+
+def feeding_plans() -> dict:
+    """{layout: FeedingPlan} of stage 4 on its v5p-64 target (libtpu's device list) and of its :h100
+    mesh on 64 stand-in GPUs with process indices, from the trainer's own Program."""
+    import numpy as np
+
+    from af_next_jax.compile.steps import compile_tool_program
+    from af_next_jax.compile.topology import topology_devices
+    from af_next_jax.experiment import build_program
+    from af_next_jax.experiment.feeding import feeding_plan
+    from af_next_jax.parallel.mesh import MESH_AXES, mesh_device_array
+
+    config = load_config(LONG_CONTEXT)
+    plans = {f"{config.target_topology} (libtpu device list)": compile_tool_program(
+        config, topology_devices(parse_topology(config.target_topology))).feeding}
+    for name, (nodes, per_node, overrides) in GPU_LAYOUTS.items():
+        gpu = experiment.experiment_from(load_config(f"{LONG_CONTEXT}:h100", overrides))
+        program = build_program(gpu, nodes * per_node, platform="gpu")  # shardings of the abstract mesh
+        devices = [StandInGpu(index, index // per_node) for index in range(nodes * per_node)]
+        processes = np.vectorize(lambda device: device.process_index)(mesh_device_array(gpu.mesh, devices))
+        specs = {name: value.sharding.spec for name, value in program.micro_batch.items()}
+        plans[f"{name} (stand-in devices)"] = feeding_plan(
+            processes, program.mesh_sizes, MESH_AXES, specs["token_ids"][0], specs["mel_windows"][0],
+            gpu.data.batch_size, gpu.data.max_windows_per_batch)
+    return plans
+
+
+def feeding_section() -> str:
+    lines = ["## How stage 4 is fed", "",
+             "Rows split across hosts form row groups (af_next_jax/experiment/feeding.py; docs/TRAINING.md, "
+             "\"Several processes\"). The compile tool prints this for TPU targets; here for "
+             f"`{LONG_CONTEXT}` on its target and on two 64-GPU clusters:", ""]
+    for name, plan in feeding_plans().items():
+        lines += [f"**{name}**", "", "```", plan.describe(), "```", ""]
+    return "\n".join(lines)
 
 
 HEADER = """# AF-Next-7B on its targets: planned and compiled memory per chip
@@ -284,9 +338,9 @@ detects SLURM, Cloud TPU / GKE and Open MPI by itself, takes `--coordinator HOST
 --num-processes N --process-id I` anywhere else, and stays a single process when it finds neither.
 `af_next_jax.parallel.make_mesh(mesh_config)` then lays the `dcn_*` axes across hosts (slices) and
 the ICI axes inside a host: `create_hybrid_device_mesh`, grouping devices by TPU slice or, on GPUs,
-by process (one process per node). Each process reads its own rows of every batch, so keep `ring`
-and `ulysses` inside a host and put `dcn_fsdp` / `dcn_data` across hosts (a mesh that splits rows
-across processes is refused at start-up). The workdir must be a filesystem that every host mounts.
+by process (one process per node). Processes that hold slices of the same rows (the sequence axes
+across hosts) form a row group: they read the same data and each feeds its own devices (below, "How
+stage 4 is fed"). The workdir must be a filesystem that every host mounts; one job holds it at a time.
 
 ### SLURM (GPU nodes)
 
@@ -305,6 +359,27 @@ No launch flags: jax's SLURM detection reads `SLURM_JOB_ID`, `SLURM_STEP_NODELIS
 `tests/train/test_multihost.py` launches two CPU processes with exactly these variables and no flags.
 Enable XLA's latency-hiding scheduler on GPU so collectives overlap compute.
 
+Stage 4 (128K tokens, hybrid sequence parallelism; `:h100` = `h100_long`: Ulysses 4 inside a node,
+the ring across 8 nodes, FSDP 2 x 2) on 16 nodes x 8 H100; on 64 GPUs, 16 nodes x 4 (`--gpus-per-node=4`),
+or 8 nodes x 8 with the FSDP factor inside the nodes (`--config.mesh.dcn_fsdp=1`):
+
+```bash
+#SBATCH --nodes=16 --ntasks-per-node=1 --gpus-per-node=8 --exclusive
+srun python -m af_next_jax.train --config experiments/af_next_stage4_long_context.py:h100 --workdir /shared/af_next/stage4_long_context
+```
+
+The same launch in miniature, what `tests/train/test_split_rows.py` runs in CI (two CPU processes of 4
+devices, the ring across them, launched by the SLURM variables alone; each process with its own
+`SLURM_PROCID`/`SLURM_LOCALID`):
+
+```bash
+SLURM_JOB_ID=1234 SLURM_STEP_NODELIST=127.0.0.1 SLURM_NTASKS=2 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0 \
+SLURM_STEP_NUM_NODES=1 SLURM_STEP_TASKS_PER_NODE=2 JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+python -m af_next_jax.train --config experiments/long_context_debug.py --workdir workdir/split_rows \
+    --config.data.dir=demo_data --config.mesh.fsdp=2 --config.mesh.ring=1 --config.mesh.ulysses=2 --config.mesh.dcn_ring=2 \
+    --config.data.shards=2 --config.total_steps=3 --config.eval_every=0 --config.log_every=1
+```
+
 ### GKE / XPK (TPU)
 
 Stage 3 on one v5p-256 slice (`:tpu_v5p`: FSDP over the whole slice):
@@ -312,6 +387,14 @@ Stage 3 on one v5p-256 slice (`:tpu_v5p`: FSDP over the whole slice):
 ```bash
 xpk workload create --cluster CLUSTER --workload af-next-stage3 --tpu-type v5p-256 --num-slices 1 \\
     --command "python -m af_next_jax.train --config experiments/af_next_stage3_full.py:tpu_v5p --workdir /gcs/af_next/stage3_full"
+```
+
+Stage 4 on one v5p-64 slice (`:tpu_v5p` = `tpu_v5p_long`: ring 8 x Ulysses 4 over the 32 chips, so
+every row spans all 8 hosts: one row group, below):
+
+```bash
+xpk workload create --cluster CLUSTER --workload af-next-stage4 --tpu-type v5p-64 --num-slices 1 \
+    --command "python -m af_next_jax.train --config experiments/af_next_stage4_long_context.py:tpu_v5p --workdir /gcs/af_next/stage4_long_context"
 ```
 
 On Cloud TPU VMs no launch flags are needed either (jax's TPU cluster detection): the coordinator is
@@ -333,11 +416,13 @@ on every host with its own `--process-id` (or `AF_NEXT_COORDINATOR`, `AF_NEXT_NU
 
 ### Checks before a long run
 
-- The trainer calls `validate_sequence_parallel` at start-up with the real head counts, length and
-  batch (it names the numbers and valid alternatives), and refuses a mesh that splits rows across
-  processes.
-- `python -m pytest tests/parallel tests/train/test_multihost.py` on CPU: the two-process
-  `jax.distributed` tests (sequence-parallel attention, and the trainer against one process).
+- `python -m af_next_jax.compile --config EXPERIMENT` compiles exactly what the trainer will run
+  (`af_next_jax.experiment.build_program`, every check included: sequence-parallel degrees, windows,
+  row groups, replicated dimensions) for the target, and prints the memory table and how the data is fed.
+- `python -m pytest tests/parallel tests/train/test_multihost.py tests/train/test_split_rows.py` on CPU:
+  the two-process `jax.distributed` tests (sequence-parallel attention, the trainer against one process,
+  rows split across processes); `-m slow tests/train/test_split_rows_slow.py` for every layout, four
+  processes and the kill/preemption chain.
 """
 
 

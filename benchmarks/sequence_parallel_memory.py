@@ -2,13 +2,11 @@
 
     python benchmarks/sequence_parallel_memory.py [--tokens-per-device 8192]
 
-Compiles (never runs) `grad` of one Qwen2-style decoder layer (RMSNorm, q/k/v projections with GQA,
-attention, o_proj, SwiGLU MLP; float32) and reads `memory_analysis().temp_size_in_bytes`, which for an
-SPMD program is per device. Sequence-parallel rows put 8 x tokens-per-device tokens on 8 fake CPU
-devices; the baselines put tokens-per-device tokens on one device, once with the same chunked local
-attention (block_attention.local_flash_attention: the fair comparison) and once with XLA's
+Compiles (never runs) `grad` of one Qwen2-style decoder layer and reads its per-device temp bytes
+(af_next_jax/parallel/compiled_cost.py says how). Sequence-parallel rows put 8 x tokens-per-device
+tokens on 8 fake CPU devices; the baselines put tokens-per-device tokens on one device, once with the
+same chunked local attention (`chunked_local_attention`: the fair comparison) and once with XLA's
 materialised-scores attention. Target: sequence-parallel temp <= 1.5 x the chunked single-device temp.
-Layer widths are small (CPU compile time) but the attention memory terms scale as in the real model.
 """
 
 from __future__ import annotations
@@ -20,66 +18,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from af_next_jax.process_setup import configure_cli_process  # noqa: E402
 
-from af_next_jax.model.attention import xla_attention  # noqa: E402
-from af_next_jax.parallel import MeshConfig, make_mesh  # noqa: E402
-from af_next_jax.parallel.block_attention import local_flash_attention, select_block_forward  # noqa: E402
-from af_next_jax.parallel.sequence_attention import sequence_parallel_attention  # noqa: E402
-
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP = 256, 8, 2, 32, 512
-SETUPS = {"ring": MeshConfig(data=1, fsdp=1, ring=8), "ulysses": MeshConfig(data=1, fsdp=1, ulysses=8),
-          "hybrid": MeshConfig(data=1, fsdp=1, ring=2, ulysses=4)}
-
-
-def layer_params():
-    shapes = {"q": (HIDDEN, HEADS * HEAD_DIM), "k": (HIDDEN, KV_HEADS * HEAD_DIM), "v": (HIDDEN, KV_HEADS * HEAD_DIM),
-              "o": (HEADS * HEAD_DIM, HIDDEN), "gate": (HIDDEN, MLP), "up": (HIDDEN, MLP), "down": (MLP, HIDDEN)}
-    return {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in shapes.items()}
-
-
-def decoder_layer(params, x_BxLxD, attention):
-    def rms_norm(x):
-        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
-
-    batch, length, _ = x_BxLxD.shape
-    h = rms_norm(x_BxLxD)
-    query = (h @ params["q"]).reshape(batch, length, HEADS, HEAD_DIM)
-    key = (h @ params["k"]).reshape(batch, length, KV_HEADS, HEAD_DIM)
-    value = (h @ params["v"]).reshape(batch, length, KV_HEADS, HEAD_DIM)
-    x_BxLxD = x_BxLxD + attention(query, key, value).reshape(batch, length, -1) @ params["o"]
-    h = rms_norm(x_BxLxD)
-    return x_BxLxD + (jax.nn.silu(h @ params["gate"]) * (h @ params["up"])) @ params["down"]
-
-
-def temp_bytes(attention, tokens, mesh=None):
-    x = jax.ShapeDtypeStruct((1, tokens, HIDDEN), jnp.float32)
-    loss = lambda p, x: jnp.sum(decoder_layer(p, x, attention))  # noqa: E731
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    if mesh is not None:
-        x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P(None, ("ring", "ulysses"))))
-    return step.lower(layer_params(), x).compile().memory_analysis().temp_size_in_bytes
-
-
-def chunked_local_attention(q, k, v):
-    """Causal attention on one device in key blocks (never the [L, L] scores): the fair baseline."""
-    ones = jnp.ones(q.shape[:2], jnp.int32)
-    return local_flash_attention(q, k, v, ones, ones, True, select_block_forward("xla"))
-
-
-def sequence_parallel_temp_bytes(implementation: str, mesh_config: MeshConfig, total_tokens: int) -> int:
-    """Per-device temp bytes of the layer's fwd+bwd with `total_tokens` split over the mesh's sequence axes."""
-    mesh = make_mesh(mesh_config)
-    with jax.set_mesh(mesh):
-        def attention(q, k, v):
-            return sequence_parallel_attention(q, k, v, implementation=implementation, causal=True)
-        # Inputs are taken as already zigzag-ordered: the permutation happens once per model, not per layer.
-        return temp_bytes(attention, total_tokens, mesh)
+from af_next_jax.attention.reference import xla_attention  # noqa: E402
+from af_next_jax.parallel.compiled_cost import (HEAD_DIM, HEADS, HIDDEN, KV_HEADS, MLP, SETUPS,  # noqa: E402
+                                                chunked_local_attention, sequence_parallel_temp_bytes, temp_bytes)
 
 
 def main():
+    configure_cli_process()  # as the commands do: the XLA:CPU flags the tables were measured with
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens-per-device", type=int, default=8192)
     args = parser.parse_args()

@@ -47,25 +47,23 @@ def _interleaved_median_seconds(steps_by_name: dict, repeats: int) -> tuple[dict
 
 
 def build_jax_train_step(config, batch):
-    """(jitted train_step, initial state, batch with the micro-batch axis): what `make_jax_step` times."""
+    """(jitted train_step, initial state, batch with the micro-batch axis): what `make_jax_step` times. The
+    step is the debug experiment's, shaped like `batch`, built by the trainer's own builder on one CPU
+    device (af_next_jax/experiment/program.py)."""
     import jax
 
-    from af_next_jax.model.af_next import AFNextModel
-    from af_next_jax.train.experiment import load_config
-    from af_next_jax.train.optimizer import make_optimizer, parameter_labels, trainable_mask
-    from af_next_jax.train.state import unbox
-    from af_next_jax.train.train_step import make_train_step, new_train_state
+    from af_next_jax.experiment import build_program, experiment_from, load_config
 
-    experiment = load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "debug.py"))
-    model = AFNextModel(config)
-    params = unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch))
-    labels = parameter_labels(params, "full")
-    optimizer, schedule = make_optimizer(experiment.optimizer, labels, total_steps=1000)
-    state = jax.jit(lambda p: new_train_state(p, optimizer, jax.random.PRNGKey(1)))(params)
-    train_step = jax.jit(make_train_step(model, optimizer, schedule, trainable_mask(labels),
-                                         loss_chunk_length=experiment.loss_chunk_length), donate_argnums=(0,))
-    step_batch = jax.device_put({name: value[None] for name, value in batch.items()})
-    return train_step, state, step_batch
+    rows, seq_len = batch["token_ids"].shape
+    experiment = experiment_from(load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "debug.py"), [
+        f"--config.data.batch_size={rows}", f"--config.data.seq_len={seq_len}", "--config.total_steps=1000",
+        f"--config.data.max_windows_per_batch={batch['mel_windows'].shape[0]}", "--config.mesh.fsdp=1"]))
+    if experiment.model != config:
+        raise ValueError(f"the debug experiment's model differs from the benchmark's: {experiment.model} vs {config}")
+    program = build_program(experiment, jax.devices()[:1])
+    step_batch = jax.device_put({name: value[None] for name, value in batch.items()},
+                                {name: value.sharding for name, value in program.step_batch.items()})
+    return program.train_step, program.init_state(seed=0), step_batch
 
 
 def make_jax_step(config, batch):
@@ -138,6 +136,9 @@ def add_batch_arguments(parser) -> None:
 
 
 def main(argv=None) -> int:
+    from af_next_jax.process_setup import configure_cli_process
+
+    configure_cli_process()  # the XLA:CPU flags and allocator settings the commands use, as measured
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     add_batch_arguments(parser)

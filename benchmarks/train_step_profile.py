@@ -226,6 +226,9 @@ def profile_torch(config, batch, steps: int, threads: int):
 # ---------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
+    from af_next_jax.process_setup import configure_cli_process
+
+    configure_cli_process()  # the XLA:CPU flags and allocator settings the commands use, as measured
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     add_batch_arguments(parser)

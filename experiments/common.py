@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
         seq_len=384,
         batch_size=4,                     # rows per micro-batch, all hosts together (global)
         max_windows_per_batch=8,          # static window axis of a micro-batch, all hosts together
-        max_windows_per_audio=0,          # 0 = the model's max_windows_per_audio
+        max_windows_per_audio=None,       # truncate longer audio; None = the model's max_windows_per_audio
         num_workers=0,
         num_threads=2,
         seed=0,
@@ -95,6 +95,9 @@ def set_mesh(config: ml_collections.ConfigDict, name: str) -> None:
     config.mesh.update(MESHES[name])
 
 
+# The GPU meshes are meant for 16 nodes x 8 H100 (their dcn_* sizes), 128 GPUs.
+GPU_CLUSTER_DEVICES = 128
+
 # The TPU slice each TPU mesh is meant for (`python -m af_next_jax.compile` compiles for it by default).
 # GPU meshes name none: their plans cannot be compiled on a CPU host (docs/SCALING.md).
 TARGETS = {"tpu_v5p": "v5p-256", "tpu_v5p_long": "v5p-64"}
@@ -115,11 +118,12 @@ def af_next_7b_stage(*, stage: str, learning_rate: float, seq_len: int, windows_
     `target`: the TPU slice it is meant for (default: the mesh's, TARGETS); "" for GPU meshes."""
     target = TARGETS.get(mesh, "") if target is None or mesh not in TARGETS else target
     # A row of seq_len tokens holds at most seq_len / 750 full 30 s windows. The window axis is split
-    # over every chip (data x fsdp x sequence axes): pad it to a multiple of the chips, since a count
-    # that does not divide would be replicated (every chip encoding every window).
+    # over every chip (data x fsdp x sequence axes): pad it to a multiple of the chips (the target's, or
+    # the GPU cluster's), since a count that does not divide would be replicated (every chip encoding
+    # every window).
     windows = batch_size * max(1, seq_len // 750)
-    if target:
-        windows = -(-windows // _chips(target)) * _chips(target)
+    devices = _chips(target) if target else GPU_CLUSTER_DEVICES
+    windows = -(-windows // devices) * devices
     config = base_config()
     config.model = ml_collections.ConfigDict(dict(
         # "auto": the Pallas kernel on the GPUs/TPUs the mesh is compiled for (XLA on a CPU).

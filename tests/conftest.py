@@ -1,5 +1,6 @@
-"""Test session set-up: 8 fake CPU devices (sharding tests) before jax is first imported; the session
-fixtures several folders share: `demo_data` and `debug_run` (the `make run` experiment, trained once)."""
+"""Test session set-up: 8 fake CPU devices (sharding tests) and the commands' process set-up, before jax
+starts a backend; the session fixtures several folders share: `demo_data` and `debug_run` (the `make run`
+experiment, trained once)."""
 
 import os
 import sys
@@ -8,6 +9,11 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The test session is a command-line process too: the XLA:CPU flags and allocator settings the commands
+# use (the suite's speed depends on them), before jax starts a backend.
+from af_next_jax.process_setup import configure_cli_process  # noqa: E402
+
+configure_cli_process()
 # Shared test helpers (tests/hf_reference.py) import as top-level modules.
 sys.path.insert(0, os.path.dirname(__file__))
 

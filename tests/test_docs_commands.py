@@ -210,7 +210,7 @@ def test_documented_command_parses(module, arguments, monkeypatch):
             unknown = []
         assert not unknown, f"python -m {module}: arguments its parser does not know: {unknown}"
         if overrides or module == "af_next_jax.train":
-            from af_next_jax.train.experiment import load_config
+            from af_next_jax.experiment import load_config
             load_config(parsed.namespace.config, overrides)  # the experiment exists and takes the overrides
 
 
@@ -223,7 +223,7 @@ def test_documented_experiment_exists_and_loads(spec, monkeypatch):
         return
     assert os.path.exists(path), f"{path} does not exist; experiments: {sorted(os.listdir('experiments'))}"
     if path.endswith(".py") and "def get_config" in open(path, encoding="utf-8").read():
-        from af_next_jax.train.experiment import load_config
+        from af_next_jax.experiment import load_config
         load_config(spec)
 
 

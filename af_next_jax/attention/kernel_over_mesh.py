@@ -15,7 +15,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-from af_next_jax.parallel.rules import _fit_spec
+from af_next_jax.parallel.rules import fit_spec
 
 
 def automatic_mesh_axes() -> tuple[str, ...]:
@@ -39,7 +39,7 @@ def kernel_per_shard(kernel, query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, *, causa
     # Heads split over `tensor` only as far as K/V heads do (a query group stays with its K/V head).
     head_groups = math.gcd(heads, key_BxSxKxD.shape[2])
     rows_axes = tuple(axis for axis in axes if axis != "tensor")
-    spec_BxLxHxD = _fit_spec(P(rows_axes, None, "tensor" if "tensor" in axes else None, None),
+    spec_BxLxHxD = fit_spec(P(rows_axes, None, "tensor" if "tensor" in axes else None, None),
                              (batch, length, head_groups, head_dim), mesh)
     spec_BxL = P(spec_BxLxHxD[0], None)
     with_segments = segment_ids_q_BxL is not None

@@ -20,8 +20,7 @@ import dataclasses
 
 import jax
 
-from af_next_jax.config import (ATTENTION_KERNELS as KERNELS, SEQUENCE_PARALLELISM, attention_from_legacy,
-                                legacy_attention_name)
+from af_next_jax.config import ATTENTION_KERNELS as KERNELS, SEQUENCE_PARALLELISM
 
 _PLATFORM_NAMES = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu", "cpu": "cpu"}
 
@@ -39,21 +38,6 @@ class AttentionChoice:
         if self.sequence_parallelism not in SEQUENCE_PARALLELISM:
             raise ValueError(f"sequence_parallelism must be one of {SEQUENCE_PARALLELISM}, "
                              f"got {self.sequence_parallelism!r}")
-
-    @classmethod
-    def from_legacy(cls, implementation) -> "AttentionChoice":
-        """An AttentionChoice as is; a kernel name ("auto" | "xla" | "pallas") without sequence
-        parallelism; an old one-knob name as config.attention_from_legacy reads it."""
-        if isinstance(implementation, AttentionChoice):
-            return implementation
-        if implementation in KERNELS:
-            return cls(kernel=implementation)
-        return cls(*attention_from_legacy(implementation))
-
-    @property
-    def legacy_name(self) -> str:
-        """The old one-knob name, for code that still reads `attention_implementation`."""
-        return legacy_attention_name(self.kernel, self.sequence_parallelism)
 
 
 def target_platform() -> str:

@@ -1,24 +1,19 @@
 """The "xla" kernel for training shapes: plain-JAX attention whose backward recomputes the scores.
 
-Autodiff of `reference.xla_attention` keeps the [B, H, L, S] probabilities (and the selects that
-mask them) of every layer alive until the backward pass; under the layer scan (`nn.scan`) XLA also
-zero-fills a [layers, B, H, L, S] buffer per residual and copies every layer's slice into it. On the
-CPU that bookkeeping cost more than the attention itself (benchmarks/train_step_profile.py:
-docs/PERFORMANCE.md, "Train step vs PyTorch"). This path is flash attention's recurrence on one key
-block: the `custom_vjp` saves q, k, v, the output and the LSE (O(L) per row), and the backward
-recomputes P = exp(S - lse) from them (one extra QK^T matmul) with dS = P * (dP - rowsum(dO * O)).
-Sequences longer than WHOLE_ROW_MAX_KEYS use the key-chunked `blockwise.py` block kernel (the same
-recurrence over key chunks, what ring/Ulysses run), so the scores stay O(L x chunk) there. Causal
-self-attention is cut into CAUSAL_ROW_BLOCKS blocks of query rows, each against the keys up to its
-last row, which skips the tiles above the diagonal.
+Autodiff of `reference.xla_attention` keeps every layer's [B, H, L, S] probabilities alive until the
+backward pass (and the layer scan stacks them). This is flash attention's recurrence on one key block
+instead: the `custom_vjp` saves q, k, v, the output and the LSE (O(L) per row) and the backward
+recomputes P = exp(S - lse), with dS = P * (dP - rowsum(dO * O)). Beyond WHOLE_ROW_MAX_KEYS keys it
+runs the key-chunked `blockwise.py` kernel (what ring/Ulysses run); causal self-attention is cut into
+CAUSAL_ROW_BLOCKS blocks of query rows, which skips the tiles above the diagonal.
 
-Layout: GQA is computed without repeating K/V, the G = H/K query heads of one K/V head stacked along
-the query axis, so every matmul is a plain batched [B, K] matmul (XLA:CPU runs a dot with several free
-dimensions ~4x slower). q (pre-scaled by 1/sqrt(D)), k and v are saved in that layout; the output is
-saved as returned ([B, L, H, D], the array o_proj keeps anyway). The backward works on the transposed
-scores ([S, G*L], see `_block_backward`) so that its dots are in the layouts XLA:CPU runs fast. Masks
-follow masking.py's convention: a row that sees no key gets output 0, lse EMPTY_ROW_LSE and zero
-gradients.
+Layout: GQA without repeating K/V, the G = H/K query heads of a K/V head stacked along the query
+axis, so every matmul is a plain batched [B, K] matmul. The backward has two variants, chosen by the
+caller's `cpu_layouts` (the program's `Numerics`, model/numerics.py): `_block_backward`, plain dots
+that XLA lays out (TPU, GPU), and `_block_backward_cpu_layouts`, the same math on the transposed
+scores with transposes held by optimization barriers, the layouts XLA:CPU runs fast. Measurements:
+docs/PERFORMANCE.md, "Second pass: backward layouts for XLA:CPU". Masks follow masking.py's
+convention: a row that sees no key gets output 0, lse EMPTY_ROW_LSE and zero gradients.
 """
 
 from __future__ import annotations
@@ -101,17 +96,33 @@ def _block_forward(scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, visible_B
 def _block_backward(scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, dout_BxKxGxLxD, lse_BxKxGxL,
                     delta_BxKxGxL, visible_BxLxS, sm_scale):
     """(dq [B, K, G, L, D] of the unscaled query, dk, dv [B, K, S, D]) float32 of one block of rows, given
-    its final LSE. The softmax scale multiplies the small operands (Q before the forward, K here for dQ),
-    never an [L, S] array: a scalar times scores became a materialised [B, K, L, S] broadcast operand of
-    the fused XLA:CPU dot (8 MB zero-filled per encoder layer at the tiny preset).
+    its final LSE: the scores in the forward's [G*L, S] layout and every dot as written, XLA choosing
+    the layouts. The softmax scale multiplies K (small), never an [L, S] array."""
+    batch, num_kv_heads, groups, q_len, head_dim = scaled_query_BxKxGxLxD.shape
+    query_BxKxGLxD, dout_BxKxGLxD = _stack_rows(scaled_query_BxKxGxLxD), _stack_rows(dout_BxKxGxLxD)
+    scores_BxKxGxLxS = _masked_scores(scaled_query_BxKxGxLxD, key_BxKxSxD, visible_BxLxS)
+    # +inf lse for empty rows: their probabilities, hence every gradient through them, are exactly 0.
+    probs_BxKxGLxS = jnp.exp(scores_BxKxGxLxS - backward_lse(lse_BxKxGxL)[..., None]).reshape(
+        batch, num_kv_heads, groups * q_len, -1)
+    dvalue_BxKxSxD = jnp.einsum("bkls,bkld->bksd", probs_BxKxGLxS.astype(dout_BxKxGLxD.dtype), dout_BxKxGLxD,
+                                preferred_element_type=jnp.float32)
+    dprobs_BxKxGLxS = jnp.einsum("bkld,bksd->bkls", dout_BxKxGLxD, value_BxKxSxD, preferred_element_type=jnp.float32)
+    delta_BxKxGL = delta_BxKxGxL.reshape(batch, num_kv_heads, groups * q_len)
+    dscores_BxKxGLxS = (probs_BxKxGLxS * (dprobs_BxKxGLxS - delta_BxKxGL[..., None])).astype(query_BxKxGLxD.dtype)
+    dkey_BxKxSxD = jnp.einsum("bkls,bkld->bksd", dscores_BxKxGLxS, query_BxKxGLxD, preferred_element_type=jnp.float32)
+    dquery_BxKxGLxD = jnp.einsum("bkls,bksd->bkld", dscores_BxKxGLxS, key_BxKxSxD * sm_scale,
+                                 preferred_element_type=jnp.float32)
+    return (dquery_BxKxGLxD.reshape(batch, num_kv_heads, groups, q_len, head_dim), dkey_BxKxSxD,
+            dvalue_BxKxSxD)
 
-    Computed on the transposed scores [S, G*L] (keys as rows): then dV = P^T dO and dK = dS^T Q contract
-    the scores' minor axis. XLA:CPU runs a dot that contracts its large operand's major axis ("TN",
-    [L, S] x [L, D] -> [S, D]) 3-8x slower than the plain layout (0.89 vs 0.29 ms at [32, 250, 250] x
-    [32, 250, 16]; 3.6 vs 0.45 ms at [8, 1024, 512] x [8, 1024, 16]), and the forward-layout backward had
-    two of them. The one left, dQ, is computed as dQ^T = K^T dS^T ([D, G*L]) from a transposed copy of
-    the small K, then transposed back; the optimization barriers keep XLA from folding either
-    transpose into the dot, which puts it back in a slow layout (it does fold them otherwise)."""
+
+def _block_backward_cpu_layouts(scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, dout_BxKxGxLxD, lse_BxKxGxL,
+                                delta_BxKxGxL, visible_BxLxS, sm_scale):
+    """`_block_backward` in the layouts XLA:CPU runs fast. XLA:CPU runs a dot that contracts its large
+    operand's major axis ("TN": [L, S] x [L, D] -> [S, D]) several times slower, so the scores are
+    transposed ([S, G*L], keys as rows: dV = P^T dO and dK = dS^T Q contract their minor axis) and dQ
+    is computed as dQ^T = K^T dS^T; the optimization barriers keep XLA from folding the transposes
+    back into the dots (it does fold them otherwise)."""
     batch, num_kv_heads, groups, q_len, head_dim = scaled_query_BxKxGxLxD.shape
     kv_len = key_BxKxSxD.shape[2]
     query_BxKxGLxD, dout_BxKxGLxD = _stack_rows(scaled_query_BxKxGxLxD), _stack_rows(dout_BxKxGxLxD)
@@ -141,14 +152,17 @@ def _visible(causal, segment_ids_q_BxL, segment_ids_kv_BxS, q_len, kv_len):
                          segment_ids_kv_BxS=segment_ids_kv_BxS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _whole_row_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_q_BxL, segment_ids_kv_BxS, causal):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _whole_row_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_q_BxL, segment_ids_kv_BxS, causal,
+                         cpu_layouts):
     out, _ = _whole_row_forward(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_q_BxL, segment_ids_kv_BxS,
-                                causal)
+                                causal, cpu_layouts)
     return out
 
 
-def _whole_row_forward(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_q_BxL, segment_ids_kv_BxS, causal):
+def _whole_row_forward(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_q_BxL, segment_ids_kv_BxS, causal,
+                       cpu_layouts):
+    del cpu_layouts  # the forward is the same dots on every platform
     q_len, kv_len, head_dim = query_BxLxHxD.shape[1], key_BxSxKxD.shape[1], query_BxLxHxD.shape[3]
     sm_scale = head_dim ** -0.5
     scaled_query_BxKxGxLxD = (_group_major(query_BxLxHxD, key_BxSxKxD.shape[2]) * sm_scale).astype(query_BxLxHxD.dtype)
@@ -167,7 +181,7 @@ def _whole_row_forward(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_q_
     return out_BxLxHxD, residuals
 
 
-def _whole_row_backward(causal, residuals, dout_BxLxHxD):
+def _whole_row_backward(causal, cpu_layouts, residuals, dout_BxLxHxD):
     (scaled_query_BxKxGxLxD, key_BxKxSxD, value_BxKxSxD, segment_ids_q_BxL, segment_ids_kv_BxS, out_BxLxHxD,
      lse_BxKxGxL) = residuals
     q_len, kv_len, head_dim = scaled_query_BxKxGxLxD.shape[3], key_BxKxSxD.shape[2], scaled_query_BxKxGxLxD.shape[4]
@@ -179,9 +193,10 @@ def _whole_row_backward(causal, residuals, dout_BxLxHxD):
     dquery_blocks = []
     dkey_BxKxSxD = jnp.zeros(key_BxKxSxD.shape, jnp.float32)
     dvalue_BxKxSxD = jnp.zeros(value_BxKxSxD.shape, jnp.float32)
+    block_backward = _block_backward_cpu_layouts if cpu_layouts else _block_backward
     for first, end, key_end in _row_blocks(q_len, kv_len, causal):
         rows = slice(first, end)
-        dquery, dkey, dvalue = _block_backward(
+        dquery, dkey, dvalue = block_backward(
             scaled_query_BxKxGxLxD[:, :, :, rows], key_BxKxSxD[:, :, :key_end], value_BxKxSxD[:, :, :key_end],
             dout_BxKxGxLxD[:, :, :, rows], lse_BxKxGxL[..., rows], delta_BxKxGxL[..., rows],
             visible[:, rows, :key_end], head_dim ** -0.5)
@@ -197,8 +212,9 @@ _whole_row_attention.defvjp(_whole_row_forward, _whole_row_backward)
 
 
 def recompute_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, *, causal: bool, segment_ids_q_BxL=None,
-                        segment_ids_kv_BxS=None):
-    """Attention equal to `reference.xla_attention` (forward and gradients) without O(L x S) residuals."""
+                        segment_ids_kv_BxS=None, cpu_layouts: bool = False):
+    """Attention equal to `reference.xla_attention` (forward and gradients) without O(L x S) residuals;
+    `cpu_layouts` picks XLA:CPU's backward layouts (the module docstring)."""
     batch, q_len = query_BxLxHxD.shape[:2]
     kv_len = key_BxSxKxD.shape[1]
     if segment_ids_q_BxL is None:
@@ -206,6 +222,6 @@ def recompute_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, *, causal: bo
         segment_ids_kv_BxS = jnp.ones((batch, kv_len), jnp.int32)
     if kv_len <= WHOLE_ROW_MAX_KEYS:
         return _whole_row_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_q_BxL, segment_ids_kv_BxS,
-                                    causal)
+                                    causal, cpu_layouts)
     return local_flash_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, segment_ids_q_BxL, segment_ids_kv_BxS,
                                  causal, XLA_BLOCKS)

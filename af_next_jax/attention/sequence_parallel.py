@@ -29,10 +29,9 @@ from af_next_jax.attention.blockwise import attention_delta
 from af_next_jax.attention.block_kernels import BlockKernel, select_block_kernel
 from af_next_jax.attention.ring import ring_attention
 from af_next_jax.attention.ulysses import ulysses_attention
+from af_next_jax.config import SEQUENCE_PARALLEL_STRATEGIES
 from af_next_jax.parallel.mesh import BATCH_AXES, SEQUENCE_AXES, MeshConfig, validate_sequence_parallel
-from af_next_jax.parallel.rules import _fit_spec
-
-STRATEGIES = ("ring", "ulysses", "hybrid")
+from af_next_jax.parallel.rules import fit_spec
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -81,8 +80,8 @@ def sequence_parallel_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, *, im
     if mesh.empty:
         raise ValueError(f"sequence parallelism {implementation!r} needs a mesh: call the model under "
                          f"`jax.set_mesh(af_next_jax.parallel.make_mesh(mesh_config))`")
-    if implementation not in STRATEGIES:
-        raise ValueError(f"sequence parallelism must be one of {STRATEGIES}, got {implementation!r}")
+    if implementation not in SEQUENCE_PARALLEL_STRATEGIES:
+        raise ValueError(f"sequence parallelism must be one of {SEQUENCE_PARALLEL_STRATEGIES}, got {implementation!r}")
     batch, length, num_heads, head_dim = query_BxLxHxD.shape
     num_kv_heads = key_BxSxKxD.shape[2]
     if key_BxSxKxD.shape[1] != length:
@@ -92,7 +91,7 @@ def sequence_parallel_attention(query_BxLxHxD, key_BxSxKxD, value_BxSxKxD, *, im
     if causal and ring > 1 and not load_balanced:
         raise ValueError("ring attention with a causal mask needs the zigzag layout (layout.to_load_balanced)")
     # Heads go over "tensor" only when it divides both the query and the K/V heads (gcd of the two).
-    heads_spec = _fit_spec(P(BATCH_AXES, SEQUENCE_AXES, "tensor", None),
+    heads_spec = fit_spec(P(BATCH_AXES, SEQUENCE_AXES, "tensor", None),
                            (batch, length, math.gcd(num_heads, num_kv_heads), head_dim), mesh)
     tensor = _axis_size(mesh, "tensor") if heads_spec[2] else 1
     # The mesh as these heads see it: one check, the trainer's (mesh.validate_sequence_parallel).

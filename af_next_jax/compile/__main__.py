@@ -8,11 +8,19 @@ step does not fit the chip's HBM (naming the knobs), 2 on bad input.
 import os
 import sys
 
-# The host's own backend is irrelevant (the devices are libtpu's compile-only ones); never try to
-# open a TPU that a TPU VM might have.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from af_next_jax.compile.cli import main  # noqa: E402
+def main(argv=None) -> int:
+    from af_next_jax.process_setup import configure_cli_process
+
+    # The host's own backend is irrelevant (the devices are libtpu's compile-only ones); never try to
+    # open a TPU that a TPU VM might have. The allocator settings are for running XLA:CPU programs,
+    # and this command only compiles.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    configure_cli_process(tune_malloc=False)
+    from af_next_jax.compile.cli import main as compile_main
+
+    return compile_main(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

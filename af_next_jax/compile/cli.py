@@ -7,6 +7,7 @@ import sys
 
 from af_next_jax.compile import report
 from af_next_jax.compile.topology import parse_topology, topology_devices
+from af_next_jax.process_setup import compile_only_libtpu
 
 
 def parse_args(argv):
@@ -27,18 +28,20 @@ def parse_args(argv):
 
 def run(args, out=sys.stdout) -> int:
     from af_next_jax.compile.steps import compile_experiment
-    from af_next_jax.train import experiment
+    from af_next_jax.experiment import experiment_from, load_config
 
-    config = experiment.load_config(args.config, args.overrides)
-    name = args.topology or config.get("target_topology", "")
+    config = load_config(args.config, args.overrides)
+    target = experiment_from(config).target
+    name = args.topology or target.topology
     if not name:
         raise ValueError(f"{args.config} declares no target_topology; pass --topology (e.g. --topology v5p-8)")
-    topology = parse_topology(name, args.slices or config.get("target_slices", 1))
-    mesh_slices = experiment.mesh_config_from(config).num_slices
+    topology = parse_topology(name, args.slices or target.slices)
+    mesh_slices = experiment_from(config).mesh.num_slices
     if mesh_slices != topology.slices:
         raise ValueError(f"the mesh's DCN axes make {mesh_slices} slices but the topology has {topology.slices}; "
                          f"set --slices {mesh_slices}, or multiply the dcn_* sizes to {topology.slices} "
                          f"(e.g. --config.mesh.dcn_fsdp={topology.slices})")
+    compile_only_libtpu(topology.name)  # no libtpu start-up errors on a host without a TPU
     devices = topology_devices(topology)
     print(f"compiling {args.config} for {topology.describe()}", file=out)
     result = compile_experiment(config, devices, with_eval=not args.no_eval)
@@ -49,6 +52,9 @@ def print_report(config, topology, result, out=sys.stdout) -> int:
     """The memory table, FLOPs, collectives and compile times; 1 when a step does not fit, else 0."""
     steps = [s for s in (result.train, result.eval) if s is not None]
     print(f"mesh: {', '.join(f'{k}={v}' for k, v in result.mesh_sizes.items() if v > 1) or 'one device'}", file=out)
+    if result.program.feeding is not None:
+        processes = len({p for group in result.program.feeding.groups for p in group.processes})
+        print(f"{processes} processes (hosts); {result.program.feeding.describe()}", file=out)
     tables = {step.name: report.memory_table(step, topology.hbm_bytes) for step in steps}
     print(report.format_memory(tables), file=out)
     xla = report.xla_flops(result.train)

@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from af_next_jax.config import MEL_HOP_LENGTH, SAMPLE_RATE, DecoderConfig, EncoderConfig, ModelConfig
-from af_next_jax.convert.errors import BadInputError
+from af_next_jax.config import MEL_HOP_LENGTH, PRESETS, SAMPLE_RATE, DecoderConfig, EncoderConfig, ModelConfig
+from af_next_jax.convert.errors import BadInputError, config_from_fields
+from af_next_jax.convert.hf_config import decoder_from_qwen2_config, encoder_from_audio_config
+from af_next_jax.convert.orbax_io import read_json_file
 from af_next_jax.convert.special_tokens import ExtendedTokenizer, extend_tokenizer, tokenizer_size
 from af_next_jax.convert.vocabulary import check_resizable, resize_vocabulary
 
@@ -53,12 +55,11 @@ def check_feature_extractor(whisper_dir: Path, preset: ModelConfig, preset_name:
     """The log-mel settings of Whisper's preprocessor_config.json against the preset's encoder.
 
     Returns a note for the report (the file is optional: without it only config.json was checked)."""
-    from af_next_jax.convert.hf_import import read_json
     from af_next_jax.data.features import N_FFT
     path = whisper_dir / PREPROCESSOR_FILE
     if not path.is_file():
         return f"{path} absent: feature settings checked from config.json only"
-    found = read_json(path, "Whisper preprocessor config")
+    found = read_json_file(path, "Whisper preprocessor config")
     encoder = preset.encoder
     wanted = {"feature_size": encoder.num_mel_bins, "chunk_length": encoder.window_seconds,
               "sampling_rate": SAMPLE_RATE, "hop_length": MEL_HOP_LENGTH, "n_fft": N_FFT}
@@ -121,9 +122,6 @@ class BaseModelConversion:
 def plan_base_models(qwen2_dir: Path, text: dict, whisper_dir: Path, audio: dict,
                      preset_name: str) -> BaseModelConversion:
     """Check Qwen2's and Whisper's configs (dicts of their config.json) and tokenizer against the preset."""
-    from af_next_jax.config import PRESETS
-    from af_next_jax.convert.errors import config_from_fields
-    from af_next_jax.convert.hf_config import decoder_from_qwen2_config, encoder_from_audio_config
     if preset_name not in PRESETS:
         raise BadInputError(f"--preset {preset_name!r} is not a model preset; valid: {sorted(PRESETS)}")
     preset = PRESETS[preset_name]()

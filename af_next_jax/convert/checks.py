@@ -25,6 +25,8 @@ def check_keys(present: set[str], rules) -> None:
 def expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shapes of every parameter of a model with this config (abstract init: no memory used)."""
     from af_next_jax.model.af_next import AFNextModel
+    # Shapes do not depend on how attention runs; a run's sequence parallelism would need its mesh.
+    config = config.replace(attention_kernel="xla", sequence_parallelism="none")
     batch = zeros_batch(config, batch_size=1, seq_len=8, num_windows=1)
     abstract = jax.eval_shape(AFNextModel(config).init, jax.random.key(0), batch)
     flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract)["params"])[0]

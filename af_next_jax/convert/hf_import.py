@@ -23,10 +23,11 @@ import numpy as np
 
 from af_next_jax.config import ModelConfig, RoteConfig
 from af_next_jax.convert import hf_config
+from af_next_jax.convert.base_models import plan_base_models
 from af_next_jax.convert.checks import expected_shapes
 from af_next_jax.convert.mapping import TensorRule, canonical_key, decoder_rules, encoder_rules, model_rules
 from af_next_jax.convert.errors import BadInputError, config_from_fields
-from af_next_jax.convert.orbax_io import aligned_empty
+from af_next_jax.convert.orbax_io import aligned_empty, read_json_file
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -74,15 +75,6 @@ class ImportPlan:
         return sum(a.header.nbytes for a in self.assignments)
 
 
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise BadInputError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise BadInputError(f"{path} is not valid JSON: {error}") from None
-
-
 def read_headers(hf_dir: str | Path) -> dict[str, TensorHeader]:
     """Every tensor of a directory (sharded with an index, or one model.safetensors), headers only."""
     hf_dir = Path(hf_dir)
@@ -90,7 +82,7 @@ def read_headers(hf_dir: str | Path) -> dict[str, TensorHeader]:
         raise BadInputError(f"{hf_dir} is not a directory")
     index_path, single_path = hf_dir / INDEX_FILE, hf_dir / SINGLE_FILE
     if index_path.is_file():
-        weight_map = read_json(index_path, "safetensors index").get("weight_map")
+        weight_map = read_json_file(index_path, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise BadInputError(f"{index_path} has no 'weight_map' {{key: file}}")
         files = sorted(set(weight_map.values()))
@@ -184,13 +176,13 @@ def _source_dtype(assignments: list[Assignment]) -> str:
 
 def _generation_config(hf_dir: Path) -> dict | None:
     path = hf_dir / GENERATION_CONFIG_FILE
-    return read_json(path, "generation config") if path.is_file() else None
+    return read_json_file(path, "generation config") if path.is_file() else None
 
 
 def plan_audio_model(hf_dir: str | Path) -> ImportPlan:
     """A whole MusicFlamingo / AF3 / AF-Next directory (keys as saved or as in memory, `model.*`)."""
     hf_dir = Path(hf_dir)
-    hf = read_json(hf_dir / CONFIG_FILE, "config.json")
+    hf = read_json_file(hf_dir / CONFIG_FILE, "config.json")
     config = config_from_fields(lambda: hf_config.from_hf_config(hf), str(hf_dir / CONFIG_FILE))
     by_rule_key: dict[str, TensorHeader] = {}
     for key, header in read_headers(hf_dir).items():
@@ -225,14 +217,13 @@ def plan_qwen2_whisper(qwen2_dir: str | Path, whisper_dir: str | Path, *, rote: 
     it, vocabulary, RoPE and audio ids taken from it (base_models.py); `rote` and `config_fields`
     must then be left at their defaults."""
     qwen2_dir, whisper_dir = Path(qwen2_dir), Path(whisper_dir)
-    text = read_json(qwen2_dir / CONFIG_FILE, "Qwen2 config.json")
+    text = read_json_file(qwen2_dir / CONFIG_FILE, "Qwen2 config.json")
     if text.get("model_type") != "qwen2":
         raise BadInputError(f"{qwen2_dir / CONFIG_FILE}: model_type is {text.get('model_type')!r}, "
                             f"expected 'qwen2' for --qwen2-dir")
-    audio = _encoder_config_dict(read_json(whisper_dir / CONFIG_FILE, "Whisper config.json"), whisper_dir)
+    audio = _encoder_config_dict(read_json_file(whisper_dir / CONFIG_FILE, "Whisper config.json"), whisper_dir)
     base = None
     if preset is not None:
-        from af_next_jax.convert.base_models import plan_base_models
         base = plan_base_models(qwen2_dir, text, whisper_dir, audio, preset)
         config = base.config
         # Read Qwen2's vocabulary tensors at their own size; base.resize brings them to the preset's.
@@ -268,8 +259,10 @@ def _init_projector(config: ModelConfig, seed: int) -> dict:
     """The projector's own initialisers (the ones training from scratch uses), as float32 numpy."""
     import flax.linen as nn
     import jax.numpy as jnp
+    from af_next_jax.model.numerics import Numerics
     from af_next_jax.model.projector import Projector
-    module = Projector(config.projector, config.decoder.hidden_size, jnp.float32)
+    # Only its initialisers run here: the default numerics (no backward pass to choose a layout for).
+    module = Projector(config.projector, config.decoder.hidden_size, jnp.float32, numerics=Numerics())
     audio = jnp.zeros((1, 1, config.encoder.hidden_size), jnp.float32)
     variables = nn.unbox(module.init(jax.random.key(seed), audio))
     return jax.tree.map(np.asarray, variables["params"])

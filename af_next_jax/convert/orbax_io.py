@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from af_next_jax.config import DecoderConfig, EncoderConfig, ModelConfig, ProjectorConfig, RoteConfig
+from af_next_jax.config import (DecoderConfig, EncoderConfig, ModelConfig, ProjectorConfig, RoteConfig,
+                                drop_stored_legacy_attention)
 from af_next_jax.convert.errors import BadInputError, config_from_fields
 
 PARAMS_DIR = "params"
@@ -48,7 +49,10 @@ def config_to_dict(config: ModelConfig) -> dict:
 def config_from_dict(fields: dict, where: str = "model config") -> ModelConfig:
     """Inverse of `config_to_dict`; unknown fields are an error (a config written by a newer version).
     `where` names the file in the error messages."""
-    fields = dict(fields)
+    try:  # configs stored by earlier versions carry the removed attention_implementation
+        fields = drop_stored_legacy_attention(fields)
+    except ValueError as error:
+        raise BadInputError(f"{where}: {error}") from None
     known = {field.name for field in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -78,11 +82,28 @@ def read_json_file(path: Path, what: str) -> dict:
 
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary directory beside `out`; on success it is renamed to `out`, on error removed."""
+    """Yield a temporary directory beside `out`; on success it is renamed to `out`, on error removed.
+    `out` is held meanwhile (holder.py): a second conversion onto it stops naming this one."""
+    from af_next_jax.holder import DirectoryHeld, Hold
+
     out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        hold = Hold(out.parent / f".{out.name}.hold", f"a conversion writing {out}")
+        hold.acquire()
+    except DirectoryHeld as error:
+        raise BadInputError(str(error)) from None
+    try:
+        with _staged(out, overwrite) as staging:
+            yield staging
+    finally:
+        hold.release()
+
+
+@contextlib.contextmanager
+def _staged(out: Path, overwrite: bool):
     if out.exists() and not overwrite:
         raise BadInputError(f"output {out} already exists; choose another path or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
@@ -109,20 +130,65 @@ def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
 
 def save_checkpoint(directory: str | os.PathLike, params: dict, config: ModelConfig,
                     conversion: dict | None = None) -> None:
-    """Write params + config into an existing, empty `directory` (use inside `atomic_directory`)."""
+    """Write params + config into an existing, empty `directory` (use inside `atomic_directory`).
+    One process; `export_checkpoint` is the same writer for a run's sharded parameters."""
+    _save_params(Path(directory).absolute(), params)
+    _write_metadata(Path(directory).absolute(), config, conversion)
+
+
+def export_checkpoint(out: str | os.PathLike, params: dict, config: ModelConfig, conversion: dict) -> Path:
+    """`save_checkpoint` for parameters sharded over the devices of several processes (a run's export).
+
+    A collective: every process calls it. Each writes its own shards of the parameters into one orbax
+    checkpoint, so nothing is gathered onto one host; process 0 writes the JSON files and swaps the
+    new checkpoint into place (the old one stays readable until then)."""
     import jax
+
+    from af_next_jax.train import multihost
+
+    out = Path(out).absolute()
+    staging = out.parent / f".{out.name}.partial"
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    multihost.barrier("af_next_export_staging")
+    _save_params(staging, params)
+    multihost.barrier("af_next_export_written")
+    if primary:
+        _write_metadata(staging, config, conversion)
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        if out.exists():
+            out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    multihost.barrier("af_next_export_done")
+    return out
+
+
+def _save_params(directory: Path, params: dict) -> None:
+    """CKPT/params: float32, plain zarr with bounded chunks.
+
+    Peak host memory while saving host (numpy) parameters, measured (benchmarks/convert_memory.py):
+    orbax copies numpy leaves (+1x the model) but not CPU jax arrays, and device_put of a
+    64-byte-aligned numpy array to the CPU aliases it (`aligned_empty`); OCDBT buffers all encoded data
+    until its commit (+~1x), plain zarr with bounded chunks writes chunk by chunk (+ a few chunks).
+    Restoring reads either layout. Device (jax) arrays are cast on their devices and written shard by
+    shard by the processes that hold them."""
+    import jax
+    import jax.numpy as jnp
     import orbax.checkpoint as ocp
-    directory = Path(directory).absolute()
-    # Peak host memory while saving, measured (benchmarks/convert_memory.py): orbax copies numpy leaves
-    # (+1x the model) but not CPU jax arrays, and device_put of a 64-byte-aligned numpy array to the
-    # CPU aliases it (`aligned_empty`); OCDBT buffers all encoded data until its commit (+~1x), plain
-    # zarr with bounded chunks writes chunk by chunk (+ a few chunks). Restoring reads either layout.
-    # The CPU device explicitly: on a GPU host the default device would copy the model to the GPU.
+
+    # Host arrays go to the CPU device explicitly: on a GPU host the default device would copy the model there.
     cpu = jax.devices("cpu")[0]
-    params = jax.tree.map(lambda x: jax.device_put(x, cpu), params)
+    params = jax.tree.map(lambda x: (x if x.dtype == jnp.float32 else x.astype(jnp.float32))
+                          if isinstance(x, jax.Array) else jax.device_put(x, cpu), params)
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
         checkpointer.save(directory / PARAMS_DIR, params, save_args=save_args)
+
+
+def _write_metadata(directory: Path, config: ModelConfig, conversion: dict | None) -> None:
     (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     (directory / CONVERSION_FILE).write_text(json.dumps(conversion or {}, indent=2) + "\n")
 

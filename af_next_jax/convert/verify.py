@@ -103,8 +103,7 @@ def _compiled_apply(config: ModelConfig):
 
 def our_logits(params: dict, config: ModelConfig, batch: dict) -> np.ndarray:
     import jax
-    float32 = config.replace(compute_dtype="float32", attention_kernel="xla", sequence_parallelism="none",
-                             attention_implementation=None)  # None: derived afresh from the two fields
+    float32 = config.replace(compute_dtype="float32", attention_kernel="xla", sequence_parallelism="none")
     # Full float32 matmuls: on GPUs the default precision may use TF32, ~1e-3 relative error.
     with jax.default_matmul_precision("highest"):
         return np.asarray(_compiled_apply(float32)(params, batch))

@@ -9,6 +9,9 @@ import time
 
 
 def main(argv=None) -> int:
+    from af_next_jax.process_setup import configure_cli_process
+
+    configure_cli_process()  # first, before JAX starts: XLA flags, allocator, platforms (process_setup.py)
     parser = argparse.ArgumentParser(prog="python -m af_next_jax.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="validate a manifest and print counts, durations, "

@@ -1,9 +1,14 @@
 """Sequence packing into the static-shape batch of af_next_jax/batch.py, as a checkpointable grain stage.
 
 First fit: each example goes into the first of the B rows with room for its tokens, provided the
-batch's window budget W still holds its windows; the first example that fits nowhere closes the
-batch and opens the next one. Examples are never split, so no attention crosses examples and an
+window budget of the row's block still holds its windows; the first example that fits nowhere closes
+the batch and opens the next one. Examples are never split, so no attention crosses examples and an
 audio's `<sound>` run never straddles two rows.
+
+Row blocks: the B rows form `row_blocks` equal blocks, each with W / row_blocks windows of its own,
+laid out block by block. A device holds whole blocks (its rows and those rows' windows,
+af_next_jax/experiment/feeding.py), so a batch whose blocks land on devices in any order keeps the
+contract's row-major window order.
 
 Each batch also carries `STATS_KEY`: per-reason counts of the examples skipped while it was built,
 the number of examples packed and of audios truncated at the window cap. `BatchIterator` pops it.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import grain
 
+from af_next_jax.data.audio_features import layout_windows
 from af_next_jax.data.manifest import SKIP_REASONS
 
 STATS_KEY = "_data_stats"
@@ -23,12 +29,15 @@ STAT_NAMES = SKIP_REASONS + ("examples", "truncated_audio")
 class BatchBuilder:
     """Accumulates prepared examples into one batch of `batch_size` rows x `seq_len` tokens."""
 
-    def __init__(self, batch_size: int, seq_len: int, max_windows: int, mel_shape: tuple[int, int], pad_id: int):
+    def __init__(self, batch_size: int, seq_len: int, max_windows: int, mel_shape: tuple[int, int], pad_id: int,
+                 row_blocks: int = 1):
+        if batch_size % row_blocks or max_windows % row_blocks:
+            raise ValueError(f"{batch_size} rows and {max_windows} windows must split into {row_blocks} row blocks")
         self.batch_size, self.seq_len, self.max_windows = batch_size, seq_len, max_windows
-        self.mel_shape, self.pad_id = mel_shape, pad_id
+        self.mel_shape, self.pad_id, self.row_blocks = mel_shape, pad_id, row_blocks
         self.rows: list[list[dict]] = [[] for _ in range(batch_size)]
         self.row_lengths = [0] * batch_size
-        self.num_windows = 0
+        self.block_windows = [0] * row_blocks
         self.stats = np.zeros(len(STAT_NAMES), np.int64)
 
     @property
@@ -40,13 +49,13 @@ class BatchBuilder:
 
     def try_add(self, example: dict) -> bool:
         length, windows = len(example["token_ids"]), len(example["valid_frames"])
-        if self.num_windows + windows > self.max_windows:
-            return False
+        rows_per_block, windows_per_block = self.batch_size // self.row_blocks, self.max_windows // self.row_blocks
         for row, used in enumerate(self.row_lengths):
-            if used + length <= self.seq_len:
+            block = row // rows_per_block
+            if used + length <= self.seq_len and self.block_windows[block] + windows <= windows_per_block:
                 self.rows[row].append(example)
                 self.row_lengths[row] += length
-                self.num_windows += windows
+                self.block_windows[block] += windows
                 self.stats[STAT_NAMES.index("examples")] += 1
                 self.stats[STAT_NAMES.index("truncated_audio")] += example["truncated_audio"]
                 return True
@@ -59,11 +68,6 @@ class BatchBuilder:
         segment_ids = np.zeros(shape, np.int32)
         target_ids = np.zeros(shape, np.int32)
         loss_mask = np.zeros(shape, np.float32)
-        mel_windows = np.zeros((self.max_windows, *self.mel_shape), np.float32)
-        mel_valid_frames = np.zeros(self.max_windows, np.int32)
-        window_index = np.zeros(self.max_windows, np.int32)
-        window = 0
-        # Row-major order: windows follow their <sound> runs as token_ids read row 0 first.
         for row, examples in enumerate(self.rows):
             offset = 0
             for segment, example in enumerate(examples, start=1):
@@ -76,24 +80,19 @@ class BatchBuilder:
                 target_ids[row, offset:offset + length - 1] = ids[1:]
                 loss_mask[row, offset:offset + length - 1] = example["trainable"][1:]
                 offset += length
-                count = len(example["valid_frames"])
-                mel_windows[window:window + count] = example["mel"]
-                mel_valid_frames[window:window + count] = example["valid_frames"]
-                window_index[window:window + count] = example["window_index"]
-                window += count
+        # Every example is one run of windows; inference lays out its prompts' audios the same way.
+        windows = layout_windows(self.rows, self.max_windows, self.mel_shape, self.row_blocks)
         return {"token_ids": token_ids, "positions": positions, "segment_ids": segment_ids,
-                "target_ids": target_ids, "loss_mask": loss_mask, "mel_windows": mel_windows,
-                "mel_valid_frames": mel_valid_frames, "window_index": window_index,
-                STATS_KEY: self.stats.copy()}
+                "target_ids": target_ids, "loss_mask": loss_mask, **windows, STATS_KEY: self.stats.copy()}
 
 
 class PackedBatchIterDataset(grain.IterDataset):
     """Prepared examples (or `{"skip": reason}` records) -> packed batches."""
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, seq_len: int, max_windows: int,
-                 mel_shape: tuple[int, int], pad_id: int):
+                 mel_shape: tuple[int, int], pad_id: int, row_blocks: int = 1):
         super().__init__(parent)
-        self._builder_args = (batch_size, seq_len, max_windows, tuple(mel_shape), pad_id)
+        self._builder_args = (batch_size, seq_len, max_windows, tuple(mel_shape), pad_id, row_blocks)
 
     def __iter__(self):
         return _PackedBatchIterator(self._parent.__iter__(), self._builder_args)

@@ -26,10 +26,10 @@ import os
 import grain
 import numpy as np
 
-from af_next_jax.config import ModelConfig, encoder_tokens_for_frames
+from af_next_jax.config import ModelConfig
 from af_next_jax.data import audio as audio_lib
+from af_next_jax.data.audio_features import example_windows, window_audio
 from af_next_jax.data.conversation import encode_conversation, uses_audio_markers
-from af_next_jax.data.features import log_mel_windows, valid_frames_for_samples
 from af_next_jax.data.manifest import SKIP_REASONS, Example, ManifestError, parse_line
 from af_next_jax.data.packing import STAT_NAMES, STATS_KEY, PackedBatchIterDataset
 from af_next_jax.data.shard_format import SHARD_SUFFIX, is_shard_pattern
@@ -50,6 +50,9 @@ class DataConfig:
     seq_len: int = 1024
     batch_size: int = 8
     max_windows_per_batch: int = 16  # static W of mel_windows
+    # The rows form this many equal blocks, each with its own share of the windows (packing.py): the
+    # rows a device holds and their windows (experiment/feeding.py). 1 = one budget for the batch.
+    row_blocks: int = 1
     max_windows_per_audio: int | None = None  # None = the model's max_windows_per_audio
     num_workers: int = 0  # grain worker processes (0 = featurise in threads of this process)
     num_threads: int = 2  # featurising threads per process
@@ -72,9 +75,13 @@ class DataConfig:
         if self.weights is not None and (len(self.weights) != len(self.manifests) or min(self.weights) <= 0):
             raise ValueError(f"weights must be {len(self.manifests)} positive numbers (one per manifest), "
                              f"got {self.weights}")
-        for name in ("seq_len", "batch_size", "max_windows_per_batch", "num_threads", "skip_check_after"):
+        for name in ("seq_len", "batch_size", "max_windows_per_batch", "row_blocks", "num_threads",
+                     "skip_check_after"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DataConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.row_blocks or self.max_windows_per_batch % self.row_blocks:
+            raise ValueError(f"batch_size={self.batch_size} and max_windows_per_batch={self.max_windows_per_batch} "
+                             f"must split into row_blocks={self.row_blocks} equal blocks")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.skip_threshold <= 1.0:
@@ -154,43 +161,23 @@ class ExamplePreparer:
         both give the same example (and the same skips) for the same data.
         """
         encoder = self.model_config.encoder
-        audio_windows, valid, token_counts, truncated = [], [], [], 0
-        for index, ref in enumerate(example.audio):
-            samples = load_samples(index, ref)
-            windows = audio_lib.split_windows(samples, encoder, self.max_windows_per_audio)
-            frames_W = valid_frames_for_samples(windows.num_samples_W, encoder.mel_frames_per_window)
-            tokens_W = encoder_tokens_for_frames(frames_W)
-            if tokens_W[0] == 0:
-                raise audio_lib.AudioError("empty_audio", f"{ref.path}: {len(samples)} samples are too short "
-                                                          f"for one encoder token")
-            # A last window too short for one encoder token (< 3 mel frames) adds nothing: drop it.
-            keep = int(np.count_nonzero(tokens_W))
-            if windows.truncated_seconds > 0:
-                truncated += 1
-                logger.warning("%s: truncated %.1f s beyond the %d-window cap", ref.path,
-                               windows.truncated_seconds, self.max_windows_per_audio)
-            audio_windows.append(windows.samples_WxS[:keep])
-            valid.append(frames_W[:keep])
-            token_counts.append(int(tokens_W[:keep].sum()))
-        num_windows = sum(len(frames) for frames in valid)
+        # One featurisation for training and inference (audio_features.py): windows and token counts
+        # first, so the length checks below precede the log-mel work.
+        windows = [window_audio(load_samples(index, ref), encoder, self.max_windows_per_audio, name=ref.path)
+                   for index, ref in enumerate(example.audio)]
+        num_windows = sum(audio.num_windows for audio in windows)
         if num_windows > self.max_windows_per_batch:
             raise ManifestError("too_many_windows", f"line {line_number}: {num_windows} windows but a batch holds "
                                                     f"{self.max_windows_per_batch} (max_windows_per_batch)")
-        # Token counts come from the window arithmetic alone, so length checks precede the log-mel work.
-        token_ids, trainable = encode_conversation(example.conversation, self.tokenizer, token_counts,
+        token_ids, trainable = encode_conversation(example.conversation, self.tokenizer,
+                                                   [audio.token_count for audio in windows],
                                                    audio_markers=uses_audio_markers(self.model_config))
         if len(token_ids) > self.seq_len:
             raise ManifestError("too_long", f"line {line_number}: {len(token_ids)} tokens exceed seq_len "
                                             f"{self.seq_len}")
-        if not valid:
-            return {"token_ids": token_ids, "trainable": trainable, "truncated_audio": 0,
-                    "mel": np.zeros((0, encoder.num_mel_bins, encoder.mel_frames_per_window), np.float32),
-                    "valid_frames": np.zeros(0, np.int32), "window_index": np.zeros(0, np.int32)}
-        return {"token_ids": token_ids, "trainable": trainable, "truncated_audio": truncated,
-                "mel": np.concatenate([log_mel_windows(samples_WxS, encoder) for samples_WxS in audio_windows]),
-                "valid_frames": np.concatenate(valid).astype(np.int32),
-                # RoTE's window axis: the index inside each audio, restarting at 0 for the next audio.
-                "window_index": np.concatenate([np.arange(len(frames)) for frames in valid]).astype(np.int32)}
+        return {"token_ids": token_ids, "trainable": trainable,
+                "truncated_audio": sum(audio.truncated_seconds > 0 for audio in windows),
+                **example_windows([audio.log_mel() for audio in windows], encoder)}
 
 
 def _host_index_and_count(data_config: DataConfig) -> tuple[int, int]:
@@ -261,7 +248,8 @@ def build_dataset(data_config: DataConfig, model_config: ModelConfig) -> grain.I
     encoder = model_config.encoder
     batches = PackedBatchIterDataset(prepared, data_config.batch_size, data_config.seq_len,
                                      data_config.max_windows_per_batch,
-                                     (encoder.num_mel_bins, encoder.mel_frames_per_window), tokenizer.special.pad)
+                                     (encoder.num_mel_bins, encoder.mel_frames_per_window), tokenizer.special.pad,
+                                     data_config.row_blocks)
     if data_config.num_workers:
         from absl import flags
 

@@ -15,7 +15,8 @@ import jax
 from af_next_jax.data.manifest import AudioRef, Turn
 from af_next_jax.inference.decoding import Generator
 from af_next_jax.inference.loading import LoadedModel
-from af_next_jax.inference.prompts import VARIANT_PREFIX, encode_prompt, load_audio_input, prompt_batch
+from af_next_jax.inference.prompts import (VARIANT_PREFIX, encode_prompt, load_audio_input, model_chat_template,
+                                          prompt_batch)
 from af_next_jax.inference.sampling import SamplingConfig
 
 # Prompt lengths are padded up to a multiple of this, so batches of similar prompts share one compilation.
@@ -51,12 +52,14 @@ def answer_requests(loaded: LoadedModel, generator: Generator, requests: Sequenc
                     sampling: SamplingConfig = SamplingConfig(), key=None, num_windows: int | None = None,
                     audios=None) -> list[Answer]:
     """Generate for `requests` as one left-padded batch. `audios[i]` are request i's featurised audios
-    (`prompts.load_audio_input`), loaded here when not given; audio errors propagate (`AudioError`)."""
+    (`prompts.load_audio_input`), loaded here when not given; audio errors propagate (`AudioError`).
+    Prompts are rendered in the model's chat format (`prompts.model_chat_template`)."""
     tokenizer, config = loaded.tokenizer, loaded.config
     if audios is None:
         audios = [[load_audio_input(ref, config) for ref in request.audio] for request in requests]
+    chat_template = model_chat_template(tokenizer)
     rows = [encode_prompt(request.turns, tokenizer, [a.token_count for a in row_audio], config,
-                          variant=request.variant)
+                          variant=request.variant, chat_template=chat_template)
             for request, row_audio in zip(requests, audios)]
     longest = max(len(row) for row in rows)
     batch = prompt_batch(rows, audios, config, pad_id=tokenizer.special.pad,

@@ -32,10 +32,7 @@ def inference_config(config: ModelConfig) -> ModelConfig:
     """The config decoding runs: no sequence-parallel strategy. A decode step has one token per row,
     nothing to split, and its attention is plain XLA (decoder.py); the prefill runs the configured
     kernel on GSPMD-sharded activations. The cache itself may still be sharded over the sequence."""
-    if config.sequence_parallelism == "none":
-        return config
-    # attention_implementation is the deprecated derived name: reset it so it is derived afresh.
-    return config.replace(sequence_parallelism="none", attention_implementation=None)
+    return config.replace(sequence_parallelism="none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 transformers reference: `MusicFlamingoForConditionalGeneration` (RoTE) and
 `AudioFlamingo3ForConditionalGeneration` (`config.rote is None`). Inputs follow `af_next_jax/batch.py`.
-Parameters: {"encoder", "projector", "decoder"}; RoTE has none.
+Parameters: {"encoder", "projector", "decoder"}; RoTE has none. `numerics` (model/numerics.py) says
+which platform-specific backward passes the program runs: plain autodiff unless the program builder
+passes `numerics_for_platform(platform)`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,16 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from af_next_jax.attention.platform import AttentionChoice
-from af_next_jax.config import ModelConfig
+from af_next_jax.config import LOAD_BALANCED_STRATEGIES, ModelConfig
 from af_next_jax.model import axes
 from af_next_jax.model.decoder import Decoder
 from af_next_jax.model.encoder import AudioEncoder
+from af_next_jax.model.numerics import Numerics
 from af_next_jax.model.projector import Projector
 from af_next_jax.model.rote import apply_rotary_time_embedding
 
 # Parameters that are fixed tables in the checkpoint and must never be updated by an optimizer.
 FROZEN_PARAMETERS = (("encoder", "embed_positions"),)
-# Sequence-parallel strategies whose causal load balancing permutes the decoder sequence.
-LOAD_BALANCED_IMPLEMENTATIONS = ("ring", "hybrid")
 
 
 def merge_audio_into_text(text_embeds_BxLxD, token_ids_BxL, audio_embeds_NxTxD, audio_valid_NxT, audio_token_id):
@@ -45,17 +46,19 @@ def merge_audio_into_text(text_embeds_BxLxD, token_ids_BxL, audio_embeds_NxTxD, 
 
 class AFNextModel(nn.Module):
     config: ModelConfig
+    numerics: Numerics = Numerics()
 
     def setup(self):
-        config = self.config
+        config, numerics = self.config, self.numerics
         dtype = jnp.dtype(config.compute_dtype)
         # The encoder's windows are short (1500): it is parallelised over windows, never over sequence,
         # and runs the configured kernel whatever the decoder's sequence-parallel strategy.
         self.encoder = AudioEncoder(config.encoder, dtype, config.remat_policy, config.scan_layers,
-                                    config.attention_kernel)
-        self.projector = Projector(config.projector, config.decoder.hidden_size, dtype)
+                                    config.attention_kernel, numerics=numerics)
+        self.projector = Projector(config.projector, config.decoder.hidden_size, dtype, numerics=numerics)
         self.decoder = Decoder(config.decoder, dtype, config.remat_policy, config.scan_layers,
-                               AttentionChoice(config.attention_kernel, config.sequence_parallelism))
+                               AttentionChoice(config.attention_kernel, config.sequence_parallelism),
+                               numerics=numerics)
 
     def encode_audio_windows(self, mel_windows_NxMxT, mel_valid_frames_N, window_index_N):
         """Log-mel windows -> projected audio embeddings [N, T, decoder width] and their valid mask."""
@@ -78,7 +81,7 @@ class AFNextModel(nn.Module):
         """Logits [B, L, vocab] (or final hidden states [B, L, D] with `return_hidden`)."""
         embeds_BxLxD = self.embed_audio_and_text(batch)
         positions_BxL, segment_ids_BxL = batch["positions"], batch["segment_ids"]
-        load_balanced = self.config.sequence_parallelism in LOAD_BALANCED_IMPLEMENTATIONS
+        load_balanced = self.config.sequence_parallelism in LOAD_BALANCED_STRATEGIES
         if load_balanced:
             from af_next_jax.parallel.layout import from_load_balanced, to_load_balanced
             embeds_BxLxD, positions_BxL, segment_ids_BxL = (

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from af_next_jax.attention.dispatch import dot_product_attention
+from af_next_jax.attention.platform import AttentionChoice
 from af_next_jax.config import DecoderConfig
 from af_next_jax.model import axes
-from af_next_jax.model.attention import dot_product_attention
-from af_next_jax.model.contract import dense_layout_for_remat
 from af_next_jax.model.layers import DEFAULT_KERNEL_INIT, RMSNorm, dense, stack_layers, swiglu
+from af_next_jax.model.numerics import Numerics
 
 ACTIVATION_AXES = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
 # The cache carries the same logical axes as the keys/values it stores (sequence over the sequence
@@ -53,20 +54,21 @@ def apply_rope_split_halves(x_BxLxHxK, angles_BxLxF):
 class DecoderLayer(nn.Module):
     config: DecoderConfig
     dtype: jnp.dtype
-    attention_implementation: str
+    attention: AttentionChoice
+    numerics: Numerics
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, kv_cache=None, cache_state=None):
         """(x, None) in training; with `kv_cache` ({"key", "value"} of this layer) and `cache_state`
         ({"index", "segment_ids" [B, S] already marking the new tokens}): (x, updated kv_cache)."""
-        config = self.config
+        config, numerics = self.config, self.numerics
         h_BxLxD = RMSNorm(config.rms_norm_eps, self.dtype, name="input_layernorm")(x_BxLxD)
         query_BxLxHxK = dense((config.num_heads, config.head_dim), (axes.EMBED, axes.Q_HEADS, axes.HEAD_DIM),
-                              use_bias=True, name="q_proj", dtype=self.dtype)(h_BxLxD)
+                              use_bias=True, name="q_proj", dtype=self.dtype, numerics=numerics)(h_BxLxD)
         key_BxLxGxK = dense((config.num_kv_heads, config.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
-                            use_bias=True, name="k_proj", dtype=self.dtype)(h_BxLxD)
+                            use_bias=True, name="k_proj", dtype=self.dtype, numerics=numerics)(h_BxLxD)
         value_BxLxGxK = dense((config.num_kv_heads, config.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
-                              use_bias=True, name="v_proj", dtype=self.dtype)(h_BxLxD)
+                              use_bias=True, name="v_proj", dtype=self.dtype, numerics=numerics)(h_BxLxD)
         query_BxLxHxK = axes.constrain(query_BxLxHxK, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
         key_BxLxGxK = axes.constrain(key_BxLxGxK, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
         value_BxLxGxK = axes.constrain(value_BxLxGxK, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
@@ -82,26 +84,29 @@ class DecoderLayer(nn.Module):
             # One new token per row: it sees every written, non-padding slot (itself included).
             attended_BxLxHxK = dot_product_attention(
                 query_BxLxHxK, key_BxSxGxK, value_BxSxGxK, causal=False, segment_ids_q_BxL=segment_ids_BxL,
-                segment_ids_kv_BxS=cache_state["segment_ids"], implementation="xla")
+                segment_ids_kv_BxS=cache_state["segment_ids"], implementation="xla",
+                cpu_layouts=numerics.cpu_attention_layouts)
         else:
             # Training, or a prefill into an empty cache (slots 0..L-1): the new tokens only see each
             # other, so this is the training computation itself.
             attended_BxLxHxK = dot_product_attention(
                 query_BxLxHxK, key_BxLxGxK, value_BxLxGxK, causal=True, segment_ids_q_BxL=segment_ids_BxL,
-                segment_ids_kv_BxS=segment_ids_BxL, implementation=self.attention_implementation)
+                segment_ids_kv_BxS=segment_ids_BxL, implementation=self.attention,
+                cpu_layouts=numerics.cpu_attention_layouts)
         attended_BxLxHxK = checkpoint_name(attended_BxLxHxK, "attention_out")
         out_BxLxD = dense(config.hidden_size, (axes.Q_HEADS, axes.HEAD_DIM, axes.EMBED), axis=(-2, -1),
-                          use_bias=False, name="o_proj", dtype=self.dtype)(attended_BxLxHxK)
+                          use_bias=False, name="o_proj", dtype=self.dtype, numerics=numerics)(attended_BxLxHxK)
         x_BxLxD = axes.constrain(x_BxLxD + out_BxLxD, ACTIVATION_AXES)
 
         h_BxLxD = RMSNorm(config.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x_BxLxD)
         gate_BxLxF = dense(config.intermediate_size, (axes.EMBED, axes.MLP), use_bias=False, name="gate_proj",
-                           dtype=self.dtype)(h_BxLxD)
+                           dtype=self.dtype, numerics=numerics)(h_BxLxD)
         up_BxLxF = dense(config.intermediate_size, (axes.EMBED, axes.MLP), use_bias=False, name="up_proj",
-                         dtype=self.dtype)(h_BxLxD)
-        h_BxLxF = axes.constrain(swiglu(gate_BxLxF, up_BxLxF), (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+                         dtype=self.dtype, numerics=numerics)(h_BxLxD)
+        h_BxLxF = axes.constrain(swiglu(gate_BxLxF, up_BxLxF, numerics=numerics),
+                                 (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
         h_BxLxD = dense(config.hidden_size, (axes.MLP, axes.EMBED), use_bias=False, name="down_proj",
-                        dtype=self.dtype)(h_BxLxF)
+                        dtype=self.dtype, numerics=numerics)(h_BxLxF)
         return axes.constrain(x_BxLxD + h_BxLxD, ACTIVATION_AXES), new_kv_cache
 
 
@@ -132,7 +137,8 @@ class Decoder(nn.Module):
     dtype: jnp.dtype
     remat_policy: str = "none"
     scan_layers: bool = True
-    attention_implementation: str = "xla"
+    attention: AttentionChoice = AttentionChoice("xla")
+    numerics: Numerics = Numerics()
 
     def setup(self):
         config = self.config
@@ -142,9 +148,9 @@ class Decoder(nn.Module):
         # Arguments after x: positions, segment ids and the cache state are shared by every layer; the
         # KV cache is sliced per layer along its leading layers axis.
         self.layers = stack_layers(DecoderLayer, num_layers=config.num_layers, remat=self.remat_policy,
-                                   scan=self.scan_layers, name="layers",
+                                   scan=self.scan_layers, name="layers", numerics=self.numerics,
                                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), config=config,
-                                   dtype=self.dtype, attention_implementation=self.attention_implementation)
+                                   dtype=self.dtype, attention=self.attention)
         self.norm = RMSNorm(config.rms_norm_eps, self.dtype)
         if not config.tie_word_embeddings:
             self.lm_head = self.param(
@@ -159,8 +165,7 @@ class Decoder(nn.Module):
         return axes.constrain(embeds_BxLxD, ACTIVATION_AXES)
 
     def __call__(self, embeds_BxLxD, positions_BxL, segment_ids_BxL):
-        with dense_layout_for_remat(self.remat_policy):
-            hidden_BxLxD, _ = self.layers(embeds_BxLxD, positions_BxL, segment_ids_BxL, None, None)
+        hidden_BxLxD, _ = self.layers(embeds_BxLxD, positions_BxL, segment_ids_BxL, None, None)
         return self.norm(hidden_BxLxD)
 
     def decode(self, embeds_BxLxD, positions_BxL, segment_ids_BxL, cache):

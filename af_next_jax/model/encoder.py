@@ -12,8 +12,8 @@ import flax.linen as nn
 from af_next_jax.attention.dispatch import dot_product_attention
 from af_next_jax.config import EncoderConfig, encoder_tokens_for_frames
 from af_next_jax.model import axes
-from af_next_jax.model.contract import dense_layout_for_remat
 from af_next_jax.model.layers import dense, gelu_exact, layer_norm, stack_layers
+from af_next_jax.model.numerics import Numerics
 
 
 class EncoderLayer(nn.Module):
@@ -22,35 +22,37 @@ class EncoderLayer(nn.Module):
     config: EncoderConfig
     dtype: jnp.dtype
     attention_kernel: str
+    numerics: Numerics
 
     @nn.compact
     def __call__(self, x_NxTxD, key_valid_NxT):
-        config = self.config
+        config, numerics = self.config, self.numerics
         heads, head_dim = config.num_heads, config.head_dim
         attention_axes = (axes.AUDIO_EMBED, axes.AUDIO_HEADS, axes.HEAD_DIM)
         activation_axes = (axes.WINDOWS, axes.WINDOW_LENGTH, axes.ACT_AUDIO_EMBED)
 
         h_NxTxD = layer_norm(epsilon=config.layer_norm_eps, name="self_attn_layer_norm", dtype=self.dtype,
                              feature_axis=axes.AUDIO_EMBED)(x_NxTxD)
-        query_NxTxHxK = dense((heads, head_dim), attention_axes, use_bias=True, name="q_proj", dtype=self.dtype)(h_NxTxD)
-        key_NxTxHxK = dense((heads, head_dim), attention_axes, use_bias=False, name="k_proj", dtype=self.dtype)(h_NxTxD)
-        value_NxTxHxK = dense((heads, head_dim), attention_axes, use_bias=True, name="v_proj", dtype=self.dtype)(h_NxTxD)
+        dense_kwargs = dict(dtype=self.dtype, numerics=numerics)
+        query_NxTxHxK = dense((heads, head_dim), attention_axes, use_bias=True, name="q_proj", **dense_kwargs)(h_NxTxD)
+        key_NxTxHxK = dense((heads, head_dim), attention_axes, use_bias=False, name="k_proj", **dense_kwargs)(h_NxTxD)
+        value_NxTxHxK = dense((heads, head_dim), attention_axes, use_bias=True, name="v_proj", **dense_kwargs)(h_NxTxD)
         # Every query may look at every valid key of its own window (transformers' bidirectional mask).
         attended_NxTxHxK = dot_product_attention(
             query_NxTxHxK, key_NxTxHxK, value_NxTxHxK, causal=False,
             segment_ids_q_BxL=jnp.ones_like(key_valid_NxT, dtype=jnp.int32),
             segment_ids_kv_BxS=key_valid_NxT.astype(jnp.int32),
-            implementation=self.attention_kernel)
+            implementation=self.attention_kernel, cpu_layouts=numerics.cpu_attention_layouts)
         out_NxTxD = dense(config.hidden_size, (axes.AUDIO_HEADS, axes.HEAD_DIM, axes.AUDIO_EMBED), axis=(-2, -1),
-                          use_bias=True, name="out_proj", dtype=self.dtype)(attended_NxTxHxK)
+                          use_bias=True, name="out_proj", **dense_kwargs)(attended_NxTxHxK)
         x_NxTxD = axes.constrain(x_NxTxD + out_NxTxD, activation_axes)
 
         h_NxTxD = layer_norm(epsilon=config.layer_norm_eps, name="final_layer_norm", dtype=self.dtype,
                              feature_axis=axes.AUDIO_EMBED)(x_NxTxD)
         h_NxTxF = gelu_exact(dense(config.intermediate_size, (axes.AUDIO_EMBED, axes.AUDIO_MLP), use_bias=True,
-                                   name="fc1", dtype=self.dtype)(h_NxTxD))
+                                   name="fc1", **dense_kwargs)(h_NxTxD))
         h_NxTxD = dense(config.hidden_size, (axes.AUDIO_MLP, axes.AUDIO_EMBED), use_bias=True, name="fc2",
-                        dtype=self.dtype)(h_NxTxF)
+                        **dense_kwargs)(h_NxTxF)
         return axes.constrain(x_NxTxD + h_NxTxD, activation_axes), None
 
 
@@ -71,6 +73,7 @@ class AudioEncoder(nn.Module):
     scan_layers: bool = True
     # A kernel (auto | xla | pallas): the windows are parallelised over the mesh, never the sequence.
     attention_kernel: str = "xla"
+    numerics: Numerics = Numerics()
 
     @nn.compact
     def __call__(self, mel_NxMxT, mel_valid_frames_N):
@@ -93,10 +96,9 @@ class AudioEncoder(nn.Module):
 
         valid_after_conv_N = (mel_valid_frames_N - 1) // 2 + 1
         key_valid_NxP = jnp.arange(config.max_source_positions)[None, :] < valid_after_conv_N[:, None]
-        with dense_layout_for_remat(self.remat_policy):
-            x_NxPxD, _ = stack_layers(EncoderLayer, num_layers=config.num_layers, remat=self.remat_policy,
-                                      scan=self.scan_layers, name="layers", config=config, dtype=self.dtype,
-                                      attention_kernel=self.attention_kernel)(x_NxPxD, key_valid_NxP)
+        x_NxPxD, _ = stack_layers(EncoderLayer, num_layers=config.num_layers, remat=self.remat_policy,
+                                  scan=self.scan_layers, name="layers", numerics=self.numerics, config=config,
+                                  dtype=self.dtype, attention_kernel=self.attention_kernel)(x_NxPxD, key_valid_NxP)
         windows, positions, hidden = x_NxPxD.shape
         x_NxTxD = x_NxPxD.reshape(windows, positions // 2, 2, hidden).mean(axis=2)  # AvgPool1d(2, 2)
         x_NxTxD = layer_norm(epsilon=config.layer_norm_eps, name="layer_norm", dtype=self.dtype,

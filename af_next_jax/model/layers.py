@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from af_next_jax.model import axes
-from af_next_jax.model.contract import contract, cpu_backward_layouts
+from af_next_jax.model.contract import contract
+from af_next_jax.model.numerics import Numerics
 
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -17,12 +18,14 @@ class Dense(nn.Module):
 
     The kernel is created at its full shape ([*contracted, *features]) so its logical axes apply as
     named under a rules context (flax's DenseGeneral creates a flattened 2-D kernel first).
+    `numerics` says how the matmul is differentiated (contract.py).
     """
 
     features: tuple[int, ...]
     kernel_axes: tuple[str, ...]
     use_bias: bool
     dtype: jnp.dtype
+    numerics: Numerics
     contract_dims: int = 1
 
     @nn.compact
@@ -30,7 +33,7 @@ class Dense(nn.Module):
         contracted_shape = x.shape[x.ndim - self.contract_dims:]
         kernel = self.param("kernel", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, self.kernel_axes),
                             contracted_shape + self.features, jnp.float32)
-        y = contract(x.astype(self.dtype), kernel.astype(self.dtype), self.contract_dims)
+        y = contract(x.astype(self.dtype), kernel.astype(self.dtype), self.contract_dims, numerics=self.numerics)
         if self.use_bias:
             bias_axes = self.kernel_axes[self.contract_dims:]
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes),
@@ -39,12 +42,12 @@ class Dense(nn.Module):
         return y
 
 
-def dense(features, kernel_axes, *, use_bias, name, dtype, axis=-1):
+def dense(features, kernel_axes, *, use_bias, name, dtype, numerics: Numerics, axis=-1):
     """A `Dense` to `features` (an int or a tuple such as (heads, head_dim)), contracting `axis`
     (-1, or (-2, -1) to contract [heads, head_dim])."""
     features_tuple = features if isinstance(features, tuple) else (features,)
     contract_dims = len(axis) if isinstance(axis, tuple) else 1
-    return Dense(features_tuple, tuple(kernel_axes), use_bias, dtype, contract_dims, name=name)
+    return Dense(features_tuple, tuple(kernel_axes), use_bias, dtype, numerics, contract_dims, name=name)
 
 
 def layer_norm(*, epsilon, name, dtype, feature_axis):
@@ -75,10 +78,10 @@ def gelu_exact(x):
     return jax.nn.gelu(x, approximate=False)
 
 
-def swiglu(gate, up):
-    """silu(gate) * up, Qwen2's MLP activation; on the CPU without remat with `_swiglu_keeping_inputs`'s
-    backward (model/contract.py, `cpu_backward_layouts`), elsewhere plain autodiff."""
-    if cpu_backward_layouts():
+def swiglu(gate, up, *, numerics: Numerics):
+    """silu(gate) * up, Qwen2's MLP activation; with `numerics.cpu_dense_backward` (CPU programs outside
+    remat'd stacks) differentiated by `_swiglu_keeping_inputs`'s backward, otherwise by autodiff."""
+    if numerics.cpu_dense_backward:
         return _swiglu_keeping_inputs(gate, up)
     return jax.nn.silu(gate) * up
 
@@ -120,9 +123,12 @@ def remat_policy(name: str):
     return policies[name]
 
 
-def stack_layers(layer_cls, *, num_layers: int, remat: str, scan: bool, name: str, in_axes=nn.broadcast,
-                 **layer_kwargs):
+def stack_layers(layer_cls, *, num_layers: int, remat: str, scan: bool, name: str, numerics: Numerics,
+                 in_axes=nn.broadcast, **layer_kwargs):
     """Build `num_layers` copies of a layer `(x, *args) -> (x, per_layer_output)`.
+
+    Each layer gets `numerics.for_layer_stack(remat)` as its `numerics` (no hand-written Dense or
+    SwiGLU backward under a remat policy: model/numerics.py), decided here, next to the remat itself.
 
     With `scan`, parameters are stacked on a leading `layers` axis and the body is compiled once, so
     compile time does not grow with depth. Remat wraps one layer (the per-layer policy).
@@ -130,6 +136,7 @@ def stack_layers(layer_cls, *, num_layers: int, remat: str, scan: bool, name: st
     own slice of a leading layers axis (`0`: the decoder's KV cache); the per-layer outputs come
     back stacked on a leading layers axis (None when the layer returns None).
     """
+    layer_kwargs = dict(layer_kwargs, numerics=numerics.for_layer_stack(remat))
     policy = remat_policy(remat)
     body = layer_cls if remat == "none" else nn.remat(layer_cls, policy=policy, prevent_cse=not scan)
     if scan:

@@ -65,6 +65,11 @@ def execute(path: str, out: str | None = None, *, quick: bool = False, timeout: 
 
 
 def main(argv=None) -> int:
+    from af_next_jax.process_setup import configure_cli_process
+
+    # First: XLA_FLAGS and JAX_PLATFORMS go to the kernels this starts (child processes inherit them);
+    # glibc's malloc settings would not (they are per process), and this process runs no XLA program.
+    configure_cli_process(tune_malloc=False)
     parser = argparse.ArgumentParser(prog="python -m af_next_jax.notebooks", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="execute a notebook and save it with its outputs")

@@ -33,7 +33,7 @@ def ablation_config(data_dir: str, *, rote: bool, steps: int, seq_len: int, batc
     Only the data, the run length and the row length change (a 4-window clip is 500 audio tokens,
     more than debug's 384-token rows); seeds, model and optimizer are debug's, identical in both arms.
     """
-    from af_next_jax.train.experiment import apply_override, load_config
+    from af_next_jax.experiment import apply_override, load_config
 
     config = load_config(os.path.join(REPO, "experiments", "debug.py"))
     for override in (f"data.dir={data_dir}", f"data.seq_len={seq_len}", f"data.batch_size={batch_size}",
@@ -42,7 +42,7 @@ def ablation_config(data_dir: str, *, rote: bool, steps: int, seq_len: int, batc
                      f"log_every={max(1, steps // 10)}", f"optimizer.warmup_steps={max(1, min(10, steps // 10))}"):
         apply_override(config, override)
     if not rote:
-        config.model.rote = None  # the switch documented in train/experiment.py: model_config_from
+        config.model.rote = None  # the switch documented in experiment/settings.py: model_config_from
     return config
 
 

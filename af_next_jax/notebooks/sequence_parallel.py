@@ -1,29 +1,19 @@
 """Measurements of notebooks/sequence_parallelism.ipynb: ring vs Ulysses vs hybrid on 8 fake CPU devices.
 
-Everything is read from compiled programs (never run): per-device temp memory from
-`compile().memory_analysis()` of one decoder layer's forward+backward
-(benchmarks/sequence_parallel_memory.py) and per-device collective bytes from the compiled HLO of
-attention's forward+backward (benchmarks/sequence_parallel_comm.py, which also holds the analytic
-communication volume). This module adds the analytic memory model and the sweeps over length.
-Import it after setting XLA_FLAGS=--xla_force_host_platform_device_count=8.
+Everything is read from compiled programs (never run), by af_next_jax/parallel/compiled_cost.py (the
+functions the two benchmarks/sequence_parallel_*.py scripts print tables from): per-device temp memory
+of one decoder layer's forward+backward, and per-device collective bytes of attention's
+forward+backward next to their analytic volume. This module adds the analytic memory model and the
+sweeps over length. Import it after setting XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+from af_next_jax.attention.blockwise import DEFAULT_KV_CHUNK
+from af_next_jax.parallel import compiled_cost as cost
+from af_next_jax.parallel.mesh import kv_replication
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from benchmarks import sequence_parallel_comm as comm  # noqa: E402
-from benchmarks import sequence_parallel_memory as memory  # noqa: E402
-
-from af_next_jax.attention.blockwise import DEFAULT_KV_CHUNK  # noqa: E402
-from af_next_jax.parallel.mesh import kv_replication  # noqa: E402
-
-SETUPS = memory.SETUPS
+SETUPS = cost.SETUPS
 DEVICES = 8
 FLOAT32 = 4
 # The key chunk's score-shaped buffers live at once (scores, probabilities; dS in the backward).
@@ -43,7 +33,7 @@ def analytic_temp_bytes(implementation: str, total_tokens: int) -> int:
     """
     mesh_config = SETUPS[implementation]
     tokens = total_tokens // DEVICES
-    hidden, heads, kv_heads, head_dim, mlp = memory.HIDDEN, memory.HEADS, memory.KV_HEADS, memory.HEAD_DIM, memory.MLP
+    hidden, heads, kv_heads, head_dim, mlp = cost.HIDDEN, cost.HEADS, cost.KV_HEADS, cost.HEAD_DIM, cost.MLP
     per_token = 3 * hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim + heads + 3 * mlp
     chunk = min(DEFAULT_KV_CHUNK, tokens * mesh_config.ulysses)
     per_token += SCORE_BUFFERS * heads * chunk
@@ -62,10 +52,10 @@ def memory_sweep(total_lengths: list[int]) -> list[dict]:
     for total in total_lengths:
         for implementation, mesh_config in SETUPS.items():
             rows.append({"implementation": implementation, "tokens": total,
-                         "measured": memory.sequence_parallel_temp_bytes(implementation, mesh_config, total),
+                         "measured": cost.sequence_parallel_temp_bytes(implementation, mesh_config, total),
                          "analytic": analytic_temp_bytes(implementation, total)})
         rows.append({"implementation": "1 device, L/8 tokens", "tokens": total,
-                     "measured": memory.temp_bytes(memory.chunked_local_attention, total // DEVICES), "analytic": None})
+                     "measured": cost.temp_bytes(cost.chunked_local_attention, total // DEVICES), "analytic": None})
     return rows
 
 
@@ -75,8 +65,8 @@ def communication_sweep(total_lengths: list[int], heads: int = 8, kv_heads: int 
     for total in total_lengths:
         dims = dict(batch=1, length=total, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
         for implementation, mesh_config in SETUPS.items():
-            measured = comm.measure(implementation, mesh_config, **dims)
+            measured = cost.collective_bytes_per_device(implementation, mesh_config, **dims)
             rows.append({"implementation": implementation, "tokens": total, "by_kind": measured,
                          "measured": sum(measured.values()),
-                         "analytic": comm.analytic_bytes(implementation, mesh_config, **dims)})
+                         "analytic": cost.analytic_bytes(implementation, mesh_config, **dims)})
     return rows

@@ -14,7 +14,7 @@ Every axis has a size inside one slice (ICI: a TPU slice, an NVLink node) and a 
 the ring is the one that tolerates slow links (it overlaps each transfer with one block of compute).
 
 The decoder sequence is sharded over ("ring", "ulysses") with ring the major index, so that after
-the Ulysses all-to-all each device holds one contiguous ring chunk (see sequence_attention.py).
+the Ulysses all-to-all each device holds one contiguous ring chunk (see attention/sequence_parallel.py).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
+from af_next_jax.config import SEQUENCE_PARALLEL_STRATEGIES, SEQUENCE_PARALLELISM
+
 MESH_AXES = ("data", "fsdp", "ring", "ulysses", "tensor")
 BATCH_AXES = ("data", "fsdp")
 SEQUENCE_AXES = ("ring", "ulysses")  # ring major: the order the sequence is split in
-SEQUENCE_PARALLEL_IMPLEMENTATIONS = ("ring", "ulysses", "hybrid")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -125,26 +126,31 @@ def _suggest_fill(ici: dict[str, int], per_slice: int) -> str:
 
 
 def make_mesh(mesh_config: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """Build the mesh with axes MESH_AXES (all AxisType.Auto, so GSPMD and logical rules apply).
+    """Build the mesh with axes MESH_AXES (all AxisType.Auto, so GSPMD and logical rules apply)."""
+    devices = list(jax.devices() if devices is None else devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.sharding.Mesh(mesh_device_array(mesh_config, devices), MESH_AXES, axis_types=axis_types)
+
+
+def mesh_device_array(mesh_config: MeshConfig, devices) -> np.ndarray:
+    """The devices arranged in the mesh's shape (MESH_AXES order).
 
     With DCN sizes > 1 the devices are arranged slice-major (`create_hybrid_device_mesh`); when the
     devices' slice indices do not give that many slices (GPUs, CPU), they are grouped by process:
-    one host = one slice.
+    one host = one slice. Any objects with `platform`, `process_index` (and `slice_index`) work, so a
+    cluster's layout can be worked out from stand-in devices (benchmarks/scaling.py).
     """
-    devices = list(jax.devices() if devices is None else devices)
     config = mesh_config.resolved(len(devices))
     ici_shape = [config.ici_sizes[axis] for axis in MESH_AXES]
     dcn_shape = [config.dcn_sizes[axis] for axis in MESH_AXES]
-    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if config.num_slices == 1:
-        device_array = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True) \
-            if devices[0].platform == "tpu" else np.asarray(devices).reshape(ici_shape)
-    else:
-        num_slice_ids = len({getattr(device, "slice_index", 0) for device in devices})
-        device_array = mesh_utils.create_hybrid_device_mesh(
-            ici_shape, dcn_shape, devices, process_is_granule=num_slice_ids != config.num_slices,
-            allow_split_physical_axes=True)
-    return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=axis_types)
+        if devices[0].platform == "tpu":
+            return mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
+        return np.asarray(devices).reshape(ici_shape)
+    num_slice_ids = len({getattr(device, "slice_index", 0) for device in devices})
+    return mesh_utils.create_hybrid_device_mesh(
+        ici_shape, dcn_shape, devices, process_is_granule=num_slice_ids != config.num_slices,
+        allow_split_physical_axes=True)
 
 
 def validate_sequence_parallel(mesh_config: MeshConfig, *, num_heads: int, num_kv_heads: int,
@@ -155,7 +161,10 @@ def validate_sequence_parallel(mesh_config: MeshConfig, *, num_heads: int, num_k
     Checks: heads split over tensor x ulysses; K/V heads over tensor (then replicated up to the
     Ulysses degree only when needed); the sequence into 2 x ring zigzag chunks and ring x ulysses
     shards; the batch over data x fsdp; the implementation uses exactly the sequence axes it owns.
+    `implementation` is the config's `sequence_parallelism`: none | ring | ulysses | hybrid.
     """
+    _require(implementation in SEQUENCE_PARALLELISM,
+             f"unknown sequence parallelism {implementation!r}; valid: {SEQUENCE_PARALLELISM}")
     sizes = mesh_config.axis_sizes(num_devices)
     ring, ulysses, tensor = sizes["ring"], sizes["ulysses"], sizes["tensor"]
     batch_shards = sizes["data"] * sizes["fsdp"]
@@ -165,13 +174,10 @@ def validate_sequence_parallel(mesh_config: MeshConfig, *, num_heads: int, num_k
     elif implementation == "ulysses":
         _require(ring == 1, f"implementation 'ulysses' shards the sequence over the ulysses axis only, but the "
                  f"mesh has ring={ring}; use implementation='hybrid', or ulysses={ring * ulysses}, ring=1")
-    elif implementation in ("none", "xla", "pallas", "auto"):  # no sequence parallelism (and old kernel names)
-        _require(ring * ulysses == 1, f"sequence_parallelism {implementation!r} attends over the whole sequence on "
-                 f"one device, but the mesh shards it ring={ring} x ulysses={ulysses}; choose one of "
-                 f"{SEQUENCE_PARALLEL_IMPLEMENTATIONS} or set ring=ulysses=1")
-    elif implementation != "hybrid":
-        raise ValueError(f"unknown sequence parallelism {implementation!r}; valid: "
-                         f"{('none',) + SEQUENCE_PARALLEL_IMPLEMENTATIONS}")
+    elif implementation == "none":
+        _require(ring * ulysses == 1, f"sequence_parallelism 'none' attends over the whole sequence on one device, "
+                 f"but the mesh shards it ring={ring} x ulysses={ulysses}; choose one of "
+                 f"{SEQUENCE_PARALLEL_STRATEGIES} or set ring=ulysses=1")
     _require(num_heads % tensor == 0, f"{num_heads} query heads do not split over tensor={tensor}; valid tensor "
              f"sizes: {[d for d in _divisors(num_heads) if num_kv_heads % d == 0]}")
     _require(num_kv_heads % tensor == 0,

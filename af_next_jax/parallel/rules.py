@@ -12,7 +12,8 @@ the functions below, and the scope applies the model's activation constraints.
 
 `param_shardings` turns the logical metadata of `jax.eval_shape(model.init, ...)` into a tree of
 NamedShardings (dropping any mesh axis that does not divide a dimension, so tiny test models still
-shard); `batch_shardings` does the same for a batch dict (af_next_jax/batch.py).
+shard: `fit_spec`, which replicates silently); `batch_shardings` does the same for a batch dict
+(af_next_jax/batch.py).
 """
 
 from __future__ import annotations
@@ -70,9 +71,14 @@ def _as_tuple(entry) -> tuple[str, ...]:
     return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
-def _fit_spec(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
-    """Per dimension, keep the longest prefix of mesh axes whose product divides the dimension and
-    that no earlier dimension used (a mesh axis may shard one dimension only); size-1 axes dropped."""
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
+    """`spec` with every mesh axis that cannot shard `shape` DROPPED: the array is then replicated over
+    that axis, silently, not refused. A caller that must not replicate (a 7B parameter, a sequence
+    that has to be split) compares the result with `spec` and fails or reports itself.
+
+    Per dimension, keeps the longest prefix of the named mesh axes whose product divides the dimension
+    and that no earlier dimension used (a mesh axis may shard one dimension only); drops the rest of
+    that dimension's axes, axes the mesh does not have, and size-1 axes (they shard nothing)."""
     fitted, used = [], set()
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         kept, product = [], 1
@@ -96,7 +102,7 @@ def logical_sharding(logical_names, shape, mesh, rules) -> NamedSharding:
     """
     table = dict(rules)
     spec = P(*(table.get(name) if name is not None else None for name in logical_names))
-    return NamedSharding(mesh, _fit_spec(spec, tuple(shape), mesh))
+    return NamedSharding(mesh, fit_spec(spec, tuple(shape), mesh))
 
 
 def param_shardings(abstract_variables, mesh: jax.sharding.Mesh, rules):
@@ -110,7 +116,7 @@ def param_shardings(abstract_variables, mesh: jax.sharding.Mesh, rules):
         if isinstance(leaf, nn.spmd.LogicallyPartitioned):
             return logical_sharding(leaf.names, leaf.value.shape, mesh, rules)
         if isinstance(leaf, nn.Partitioned):
-            return NamedSharding(mesh, _fit_spec(P(*leaf.names), leaf.value.shape, mesh))
+            return NamedSharding(mesh, fit_spec(P(*leaf.names), leaf.value.shape, mesh))
         return NamedSharding(mesh, P())
     return jax.tree.map(one, abstract_variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 

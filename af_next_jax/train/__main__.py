@@ -9,9 +9,12 @@ Open MPI with no extra arguments (jax's cluster detection); anywhere else with
 AF_NEXT_NUM_PROCESSES, AF_NEXT_PROCESS_ID). With none of these it is one process. See
 docs/TRAINING.md ("Several processes") and docs/SCALING.md for launch recipes.
 
-Exit codes: 0 finished or preempted (saved); 2 bad arguments, or the workdir's checkpoints cannot be
-used (they belong to another experiment, cannot be read, or their data positions do not fit this
-process count: the message says what to do, nothing was moved); 3 stopped by non-finite losses;
+Exit codes: 0 finished or preempted (saved); 2 bad arguments, an experiment that cannot run on these
+devices (af_next_jax/experiment: the message says what to change), or the workdir's checkpoints cannot
+be used (they belong to another experiment, cannot be read, or their data positions do not fit this
+process count: the message says what to do, nothing was moved), or the processes of a row group read
+different data (different flags or files on one host: nothing was trained on it), or another run
+holds the workdir (the message names it; af_next_jax/holder.py); 3 stopped by non-finite losses;
 1 any other error.
 """
 
@@ -23,6 +26,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from af_next_jax.process_setup import configure_cli_process
+
+    configure_cli_process()  # first, before JAX starts: XLA flags, allocator, platforms (process_setup.py)
     parser = argparse.ArgumentParser(prog="python -m af_next_jax.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiments/NAME.py or experiments/NAME.py:ARG")
@@ -50,8 +56,9 @@ def main(argv=None) -> int:
         parser.error(str(error))
 
     from af_next_jax.train.checkpointing import CheckpointIOError, CheckpointMismatchError
-    from af_next_jax.train.experiment import load_config
-    from af_next_jax.train.host_data import DataShardError
+    from af_next_jax.experiment import ExperimentError, load_config
+    from af_next_jax.holder import DirectoryHeld
+    from af_next_jax.train.host_data import DataShardError, GroupDataMismatch
     from af_next_jax.train.loop import NonFiniteLossError, train
 
     config = load_config(args.config, overrides)
@@ -60,7 +67,8 @@ def main(argv=None) -> int:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    except (CheckpointMismatchError, CheckpointIOError, DataShardError) as error:
+    except (CheckpointMismatchError, CheckpointIOError, DataShardError, ExperimentError, GroupDataMismatch,
+            DirectoryHeld) as error:
         logging.getLogger("af_next_jax.train").error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,9 +1,9 @@
-"""Checkpoints of a run: orbax `CheckpointManager` under WORKDIR/checkpoints/STEP/{state,data}.
+"""Checkpoints of a run: orbax `CheckpointManager` under WORKDIR/checkpoints/STEP/{state,data} (workdir.py).
 
 `state` is the TrainState (params, optimizer state, step, RNG, non-finite counters) as a dict of
-arrays; `data` is JSON: the input pipeline's iterator state of every process (`iterators`, by
-process index; `iterator` repeats process 0's), so a resumed run reads exactly the batches the
-uninterrupted run would have read. Saves are asynchronous (training continues while the arrays are
+arrays; `data` is JSON: the input pipeline's positions (`iterators`: every data shard once, merged
+over the processes; the per-process states of injected iterators; `iterator` repeats the first), so
+a resumed run reads exactly the batches the uninterrupted run would have read. Saves are asynchronous (training continues while the arrays are
 written); orbax writes into a temporary folder and renames it when complete, so a run killed
 mid-save leaves no step that looks finished. With several processes every process writes its own
 shards of the arrays (orbax multi-host); process 0 writes the metadata and the JSON.
@@ -41,12 +41,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from af_next_jax.train import multihost
+from af_next_jax.train.host_data import merged_positions
+from af_next_jax.workdir import DATA_ITEM, STATE_ITEM, Workdir
 
 logger = logging.getLogger(__name__)
-
-STATE_ITEM = "state"
-DATA_ITEM = "data"
-CORRUPT_DIR = "corrupt_checkpoints"
 
 # Outcomes of reading one step on one process, by severity (the most severe over all processes wins).
 OK, UNREADABLE, IO_FAILED, MISMATCH, ERROR = range(5)
@@ -139,6 +137,7 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler()})
         self._saved = set(self._manager.all_steps())
+        self._corrupt_dir = Workdir(os.path.dirname(self.directory)).corrupt_checkpoints
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -150,13 +149,14 @@ class Checkpointer:
         """Start saving (asynchronously) if `step` is due or `force`; True if a save started.
 
         A collective with several processes: every process calls it at every step, with its own
-        iterator state; the states of all processes are gathered into the step's `data` JSON.
+        iterator state; the states of all processes are gathered into the step's `data` JSON, each
+        data shard once (host_data.merged_positions: the members of a row group must agree).
         """
         if step in self._saved or not (force or self.due(step)):
             return False
-        states = multihost.allgather_bytes(data_state if data_state is not None else b"")
+        states = merged_positions(multihost.allgather_bytes(data_state if data_state is not None else b""))
         iterators = [state.decode() if state else None for state in states]
-        data = {"iterator": iterators[0], "iterators": iterators, "processes": len(iterators)}
+        data = {"iterator": iterators[0], "iterators": iterators, "processes": jax.process_count()}
         self._manager.save(step, args=ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)}), force=True)
         self._saved.add(step)
@@ -210,7 +210,7 @@ class Checkpointer:
             if agreed == UNREADABLE:
                 logger.warning("checkpoint step %d in %s is unreadable%s (%s); moving it to %s/ and falling back "
                                "to the previous step", step, self.directory, where, _short(detail),
-                               CORRUPT_DIR)
+                               self._corrupt_dir.name)
                 return None
             # IO_FAILED: maybe transient; never move anything.
             if attempt < self.io_retries:
@@ -252,7 +252,7 @@ class Checkpointer:
         return (f"checkpoint step {step} in {self.directory} does not fit this experiment ({len(differences)} "
                 f"differing leaves):\n  {shown}{more}\n"
                 f"The workdir holds a run of another experiment (a different model shape, stage or optimizer; "
-                f"its settings are in {os.path.join(workdir, 'config.json')}). Nothing was moved or deleted. "
+                f"its settings are in {Workdir(workdir).config_file}). Nothing was moved or deleted. "
                 f"To continue that run, use the config it was started with. To run this experiment, give it a new "
                 f"--workdir; to start it from that run's weights, add --config.init_from={workdir} (its export/, "
                 f"written when it finished).")
@@ -262,7 +262,7 @@ class Checkpointer:
         failure = None
         if jax.process_index() == 0:
             source = os.path.join(self.directory, str(step))
-            target_root = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
+            target_root = str(self._corrupt_dir)
             try:
                 os.makedirs(target_root, exist_ok=True)
                 target = os.path.join(target_root, f"{step}-{len(os.listdir(target_root))}")
@@ -274,8 +274,8 @@ class Checkpointer:
         if multihost.agree_any(failure is not None):
             raise CheckpointIOError(
                 f"checkpoint step {step} in {self.directory} is unreadable, and moving it to "
-                f"{CORRUPT_DIR}/ failed ({_short(failure) if failure else 'on process 0'}). Nothing was moved. Make "
-                f"the workdir writable, or move {os.path.join(self.directory, str(step))} away by hand, then run "
+                f"{self._corrupt_dir.name}/ failed ({_short(failure) if failure else 'on process 0'}). Nothing was "
+                f"moved. Make the workdir writable, or move {os.path.join(self.directory, str(step))} away by hand, then run "
                 f"the same command again.")
         self._manager.reload()
         self._saved.discard(step)
@@ -293,12 +293,3 @@ def _short(error) -> str:
         return "unknown"
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
     return text.replace("\n", " ")[:300]
-
-
-def write_json(path: str, value) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True, default=str)
-        handle.write("\n")
-    os.replace(temporary, path)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from af_next_jax.model.contract import contract
+from af_next_jax.model.numerics import Numerics
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:
@@ -35,12 +36,13 @@ def first_argmax(logits_BxCxV):
 
 
 def chunked_cross_entropy(hidden_BxLxD, lm_head_DxV, target_ids_BxL, loss_mask_BxL, *, chunk_length: int,
-                          compute_dtype=jnp.float32):
+                          compute_dtype=jnp.float32, numerics: Numerics = Numerics()):
     """Sums over masked tokens: (cross-entropy, correct argmax predictions, trained tokens).
 
     `chunk_length` bounds the tokens per row in one chunk (the largest divisor of L not above it is
     used). The logits of a chunk are computed in `compute_dtype` with float32 accumulation; the
-    log-sum-exp is in float32.
+    log-sum-exp is in float32. The lm_head matmul is differentiated as `numerics` says (the model's:
+    model/contract.py).
     """
     batch, length, width = hidden_BxLxD.shape
     tokens_per_chunk = largest_divisor_at_most(length, chunk_length)
@@ -53,7 +55,8 @@ def chunked_cross_entropy(hidden_BxLxD, lm_head_DxV, target_ids_BxL, loss_mask_B
 
     @jax.checkpoint
     def chunk_sums(hidden_BxCxD, target_BxC, mask_BxC):
-        logits_BxCxV = contract(hidden_BxCxD.astype(compute_dtype), lm_head_DxV, preferred_element_type=jnp.float32)
+        logits_BxCxV = contract(hidden_BxCxD.astype(compute_dtype), lm_head_DxV, preferred_element_type=jnp.float32,
+                                numerics=numerics)
         log_normaliser_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
         target_logit_BxC = jnp.take_along_axis(logits_BxCxV, target_BxC[..., None], axis=-1)[..., 0]
         loss = jnp.sum((log_normaliser_BxC - target_logit_BxC) * mask_BxC)

@@ -8,7 +8,8 @@ resumed run appends the steps it re-runs again, so readers keep the last record 
 from __future__ import annotations
 
 import json
-import os
+
+from af_next_jax.workdir import Workdir
 
 
 def format_duration(seconds: float) -> str:
@@ -37,14 +38,14 @@ def format_log_line(step: int, total_steps: int, metrics: dict) -> str:
 class MetricsWriter:
     """Scalars to WORKDIR/metrics.jsonl (every call) and to TensorBoard (when `tensorboard`)."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, workdir: Workdir, *, enabled: bool = True):
         self._enabled = enabled
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") if enabled else None
+        self._jsonl = open(workdir.metrics_file, "a", encoding="utf-8") if enabled else None
         self._tensorboard = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+            self._tensorboard = SummaryWriter(str(workdir.tensorboard), flush_secs=10)
 
     def write(self, step: int, scalars: dict, *, tensorboard: bool = True, prefix: str = "train") -> None:
         if not self._enabled:
@@ -66,7 +67,7 @@ class MetricsWriter:
 def read_metrics(workdir: str, kind: str = "train") -> dict[int, dict]:
     """{step: record} of WORKDIR/metrics.jsonl, the last record of each step winning."""
     records = {}
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as handle:
+    with open(Workdir(workdir).metrics_file, encoding="utf-8") as handle:
         for line in handle:
             record = json.loads(line)
             if record["kind"] == kind:

@@ -56,8 +56,10 @@ def model_loss_sums(model: AFNextModel, params, batch, *, loss_chunk_length: int
     """(summed loss, correct predictions, trained tokens) of one [B, L] batch."""
     hidden_BxLxD = model.apply(params, batch, return_hidden=True)
     lm_head_DxV = model.apply(params, method=AFNextModel.output_projection)
+    # The lm_head is outside the layer stacks (no remat policy): it runs the model's numerics as given.
     return chunked_cross_entropy(hidden_BxLxD, lm_head_DxV, batch["target_ids"], batch["loss_mask"],
-                                 chunk_length=loss_chunk_length, compute_dtype=jnp.dtype(model.config.compute_dtype))
+                                 chunk_length=loss_chunk_length, compute_dtype=jnp.dtype(model.config.compute_dtype),
+                                 numerics=model.numerics)
 
 
 def make_train_step(model: AFNextModel, optimizer: optax.GradientTransformation, schedule: optax.Schedule,

@@ -57,5 +57,5 @@ def test_auto_kernel_is_xla_on_the_cpu():
 def test_sequence_parallelism_and_kernel_are_separate_choices():
     with pytest.raises(ValueError, match="attention kernel must be one of"):
         AttentionChoice(kernel="ring")
-    assert AttentionChoice.from_legacy("hybrid") == AttentionChoice("auto", "hybrid")
-    assert AttentionChoice.from_legacy("pallas") == AttentionChoice("pallas", "none")
+    with pytest.raises(ValueError, match="sequence_parallelism must be one of"):
+        AttentionChoice(sequence_parallelism="xla")

@@ -1,5 +1,6 @@
 """The "xla" kernel in training (attention/recompute.py): equal to the float64 ground truth in output and
-gradients, and it keeps no [L, S] tensor for the backward pass.
+gradients with either backward (plain dots, or XLA:CPU's layouts with `cpu_layouts`), it keeps no [L, S]
+tensor for the backward pass, and only `cpu_layouts` puts optimization barriers into it.
 
 Reference: `reference_attention` in float64 (the same ground truth the Pallas kernels are held to), at
 the same relative tolerance (1e-5 of the largest entry). The masking convention's fully masked rows are
@@ -55,17 +56,29 @@ def _ground_truth(inputs, masks):
 PATHS = {"whole_rows": {}, "causal_row_blocks": {"MIN_ROWS_PER_BLOCK": 4}, "key_chunked": {"WHOLE_ROW_MAX_KEYS": 16}}
 
 
+@pytest.mark.parametrize("cpu_layouts", [False, True], ids=["plain", "cpu_layouts"])
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("mask_name", list(MASKS))
-def test_training_attention_equals_the_float64_ground_truth(mask_name, path, monkeypatch):
+def test_training_attention_equals_the_float64_ground_truth(mask_name, path, cpu_layouts, monkeypatch):
     for name, value in PATHS[path].items():
         monkeypatch.setattr(recompute, name, value)
     masks = MASKS[mask_name]()
     inputs = random_inputs(BATCH, LENGTH, HEADS, KV_HEADS, HEAD_DIM, seed=5)
     actual = jax.jit(lambda *a: output_and_grads(
-        lambda q, k, v: dot_product_attention(q, k, v, implementation="xla", **masks), *a))(*inputs)
+        lambda q, k, v: dot_product_attention(q, k, v, implementation="xla", cpu_layouts=cpu_layouts, **masks),
+        *a))(*inputs)
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, _ground_truth(inputs, masks)):
         assert_close(a, e, f"{mask_name} {path} {name}")
+
+
+@pytest.mark.parametrize("cpu_layouts", [False, True])
+def test_only_cpu_layouts_put_optimization_barriers_in_the_backward(cpu_layouts):
+    query, key, value, dout = random_inputs(BATCH, LENGTH, HEADS, KV_HEADS, HEAD_DIM, seed=2)
+    masks = MASKS["decoder_causal_packed"]()
+    jaxpr = jax.make_jaxpr(lambda *a: output_and_grads(
+        lambda q, k, v: dot_product_attention(q, k, v, implementation="xla", cpu_layouts=cpu_layouts, **masks),
+        *a))(query, key, value, dout)
+    assert ("optimization_barrier" in str(jaxpr)) == cpu_layouts
 
 
 def test_causal_row_blocks_skip_the_keys_after_each_block():

@@ -13,7 +13,7 @@ import pytest
 
 from af_next_jax.compile import cli
 from af_next_jax.compile.topology import parse_topology, topology_devices
-from af_next_jax.train import experiment
+from af_next_jax import experiment
 
 SEVEN_B = ("af_next_stage1_projector", "af_next_stage2_encoder", "af_next_stage3_full",
            "af_next_stage4_long_context", "af_next_think", "af_next_captioner")
@@ -23,7 +23,7 @@ SEVEN_B = ("af_next_stage1_projector", "af_next_stage2_encoder", "af_next_stage3
 def test_every_7b_experiment_names_a_tpu_target_for_its_tpu_mesh(name):
     config = experiment.load_config(f"experiments/{name}.py")
     topology = parse_topology(config.target_topology)
-    sizes = experiment.mesh_config_from(config).axis_sizes(topology.devices_total)  # the mesh fits the chips
+    sizes = experiment.experiment_from(config).mesh.axis_sizes(topology.devices_total)  # the mesh fits the chips
     windows = sizes["data"] * sizes["fsdp"] * sizes["ring"] * sizes["ulysses"]
     assert config.data.max_windows_per_batch % windows == 0, "windows would be replicated, not sharded"
     assert experiment.load_config(f"experiments/{name}.py:h100").target_topology == ""  # GPUs: not compilable

@@ -16,7 +16,7 @@ import pytest
 from af_next_jax.compile import cli
 from af_next_jax.compile.report import bytes_per_device, memory_table
 from af_next_jax.compile.topology import parse_topology, topology_devices
-from af_next_jax.train import experiment
+from af_next_jax import experiment
 
 
 def _libtpu_devices(name):
@@ -138,3 +138,32 @@ def test_windows_that_do_not_divide_the_mesh_fail_instead_of_replicating(capsys)
 def test_user_topology_names_translate_to_libtpu_grids(name, grid):
     topology = parse_topology(name)
     assert topology.grid == grid and topology.libtpu_name == f"{name.split('-')[0]}:{'x'.join(map(str, grid))}"
+
+
+def test_the_compile_command_prints_no_libtpu_start_up_errors_on_a_host_without_a_tpu(tmp_path):
+    """libtpu loads to build the topology; on a CPU host it would print its TPU VM start-up errors
+    (af_next_jax/process_setup.py `compile_only_libtpu`). A windows error stops the command right after the
+    topology is built: stderr must hold that one line and nothing from libtpu."""
+    import os
+    import subprocess
+    import sys
+
+    _libtpu_devices("v5p-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    result = subprocess.run([sys.executable, "-m", "af_next_jax.compile", "--config", "experiments/debug.py",
+                             "--topology", "v5p-8", "--config.data.max_windows_per_batch=6"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
+                                                   if line.startswith("error: max_windows_per_batch=6")]
+
+
+def test_compile_only_libtpu_leaves_tpu_hosts_and_the_users_choice_alone():
+    from af_next_jax.process_setup import compile_only_libtpu
+
+    environ = {}
+    assert compile_only_libtpu("v5p-64", environ, tpu_chips=lambda: 0)
+    assert environ == {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5p-64"}
+    on_a_tpu_vm, users = {}, {"TPU_ACCELERATOR_TYPE": "v5p-8"}
+    assert not compile_only_libtpu("v5p-64", on_a_tpu_vm, tpu_chips=lambda: 4) and on_a_tpu_vm == {}
+    assert not compile_only_libtpu("v5p-64", users, tpu_chips=lambda: 0) and users == {"TPU_ACCELERATOR_TYPE": "v5p-8"}

@@ -219,7 +219,7 @@ def test_stage1_projector_run_starts_from_the_checkpoint_and_its_tokenizer(conve
     """The debug experiment as stage 1 (projector only) with init_from = the checkpoint and data tokenized by
     the checkpoint's tokenizer: it trains, the projector moves, the frozen LLM and encoder stay as converted."""
     from af_next_jax.data.demo import make_demo
-    from af_next_jax.train.experiment import load_config
+    from af_next_jax.experiment import load_config
     from af_next_jax.train.loop import train
 
     make_demo(str(tmp_path / "demo"), num_train_clips=4, num_heldout_clips=1, seed=0)

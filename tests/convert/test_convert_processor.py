@@ -30,7 +30,7 @@ QUESTION = "When does the beep start?"
 def trained(tmp_path_factory):
     """(workdir, demo dir): 2 steps of the debug experiment on the demo data."""
     from af_next_jax.data.demo import make_demo
-    from af_next_jax.train.experiment import load_config
+    from af_next_jax.experiment import load_config
     from af_next_jax.train.loop import train
     root = tmp_path_factory.mktemp("processor")
     make_demo(str(root / "demo"), num_train_clips=4, num_heldout_clips=1, seed=0)

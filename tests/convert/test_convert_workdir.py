@@ -17,7 +17,7 @@ from af_next_jax.config import tiny
 from af_next_jax.convert import orbax_io
 from af_next_jax.convert.mapping import tensors_from_params
 from af_next_jax.model.synthetic import synthetic_batch
-from af_next_jax.train.experiment import load_config
+from af_next_jax.experiment import load_config
 from af_next_jax.train.loop import train
 from conftest import read_tensors, run_cli
 

@@ -6,7 +6,8 @@ import pytest
 
 from af_next_jax.config import tiny
 from af_next_jax.data.tokenizer import load_tokenizer
-from af_next_jax.inference.prompts import AudioInput, encode_prompt, prompt_batch, prompt_turns
+from af_next_jax.data.audio_features import AudioFeatures
+from af_next_jax.inference.prompts import encode_prompt, prompt_batch, prompt_turns
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_a_finished_conversation_is_refused(tokenizer):
 def test_prompt_batch_left_pads_and_counts_positions_per_row():
     config = tiny()
     encoder = config.encoder
-    one_window = AudioInput(np.ones((1, encoder.num_mel_bins, encoder.mel_frames_per_window), np.float32),
+    one_window = AudioFeatures(np.ones((1, encoder.num_mel_bins, encoder.mel_frames_per_window), np.float32),
                             np.array([encoder.mel_frames_per_window], np.int32), 0.0)
     sound = [config.audio_token_id] * one_window.token_count
     rows = [np.array([5, 6] + sound + [7], np.int32), np.array([8] + sound, np.int32)]

@@ -6,7 +6,7 @@ import numpy as np
 
 from af_next_jax.config import tiny
 from af_next_jax.model.af_next import AFNextModel
-from af_next_jax.model.attention import dot_product_attention
+from af_next_jax.attention.dispatch import dot_product_attention
 from af_next_jax.model.synthetic import synthetic_batch
 
 

@@ -31,7 +31,8 @@ def test_encoder_token_arithmetic_matches_reference_formula(frames, tokens):
     (lambda: EncoderConfig(hidden_size=100, num_heads=3), "divisible by num_heads 3"),
     (lambda: tiny(compute_dtype="int8"), "compute_dtype must be one of"),
     (lambda: tiny(remat_policy="sometimes"), "remat_policy must be one of"),
-    (lambda: tiny(attention_implementation="flash"), "attention_implementation must be one of"),
+    (lambda: tiny(attention_kernel="flash"), "attention_kernel must be one of"),
+    (lambda: tiny(sequence_parallelism="xla"), "sequence_parallelism must be one of"),
     (lambda: tiny(audio_token_id=5000), "audio_token_id=5000 is outside the decoder vocabulary"),
     (lambda: preset("huge"), "unknown model preset 'huge'"),
 ])

@@ -1,5 +1,6 @@
-"""The XLA:CPU options the package sets (af_next_jax/xla_cpu_options.py): added to XLA_FLAGS, never over
-a value the user chose, and in effect in this process (the package is imported before any computation)."""
+"""The XLA:CPU options the commands set (af_next_jax/xla_cpu_options.py): added to XLA_FLAGS, never over
+a value the user chose, and in effect in this process (conftest.py sets the test session up as the commands
+do; tests/test_process_setup.py checks that importing the package sets nothing and every command does)."""
 
 import os
 
@@ -24,9 +25,7 @@ def test_a_flag_the_user_set_wins():
     assert f"--{name}={XLA_CPU_OPTIONS[name]}" not in environ["XLA_FLAGS"]
 
 
-def test_importing_the_package_set_them_in_this_process():
-    import af_next_jax  # noqa: F401
-
+def test_the_test_session_set_them_in_this_process():
     for name in XLA_CPU_OPTIONS:
         assert f"--{name}" in os.environ.get("XLA_FLAGS", "")
 
@@ -73,10 +72,3 @@ def test_malloc_is_left_alone_in_a_process_that_may_drive_an_accelerator(monkeyp
     assert not keep_freed_memory_in_process({}, libc=libc) and libc.calls == []
     installed.clear()  # no plugin: CPU only
     assert keep_freed_memory_in_process({}, libc=libc) and libc.calls == list(MALLOC_SETTINGS)
-
-
-def test_importing_the_package_tuned_malloc_in_this_process():
-    import af_next_jax
-
-    user_tuned = "GLIBC_TUNABLES" in os.environ or any(n.startswith("MALLOC_") and n.endswith("_") for n in os.environ)
-    assert af_next_jax.MALLOC_TUNED is (not user_tuned)

@@ -9,6 +9,7 @@ from af_next_jax.model import axes
 from af_next_jax.parallel import (MESH_AXES, MeshConfig, batch_shardings, logical_axis_rules, make_mesh,
                                   param_shardings, validate_sequence_parallel)
 from af_next_jax.parallel.mesh import kv_replication
+from af_next_jax.parallel.rules import fit_spec
 
 
 def test_minus_one_fills_the_remaining_devices():
@@ -46,7 +47,7 @@ def test_dcn_axes_multiply_the_ici_axes():
 @pytest.mark.parametrize("mesh_config,kwargs,message", [
     (MeshConfig(fsdp=1, ulysses=8), dict(num_heads=28, num_kv_heads=4, implementation="ulysses"),
      r"28 query heads / tensor=1 = 28 do not split over ulysses=8; valid ulysses degrees: \[1, 2, 4, 7, 14, 28\]"),
-    (MeshConfig(fsdp=1, tensor=8), dict(num_heads=32, num_kv_heads=4, implementation="xla"),
+    (MeshConfig(fsdp=1, tensor=8), dict(num_heads=32, num_kv_heads=4, implementation="none"),
      r"4 K/V heads do not split over tensor=8; valid tensor sizes: \[1, 2, 4\]"),
     (MeshConfig(fsdp=1, ring=8), dict(num_heads=28, num_kv_heads=4, implementation="ring", sequence_length=1000),
      r"sequence length 1000 must be a multiple of 16 .* 992 or 1008"),
@@ -54,7 +55,7 @@ def test_dcn_axes_multiply_the_ici_axes():
      r"batch size 3 does not split over data x fsdp = 2"),
     (MeshConfig(fsdp=1, ring=2, ulysses=4), dict(num_heads=28, num_kv_heads=4, implementation="ring"),
      r"use implementation='hybrid', or ring=8, ulysses=1"),
-    (MeshConfig(fsdp=1, ring=8), dict(num_heads=28, num_kv_heads=4, implementation="xla"),
+    (MeshConfig(fsdp=1, ring=8), dict(num_heads=28, num_kv_heads=4, implementation="none"),
      r"choose one of \('ring', 'ulysses', 'hybrid'\)"),
 ])
 def test_invalid_sequence_parallel_setups_fail_with_numbers_and_alternatives(mesh_config, kwargs, message):
@@ -63,10 +64,31 @@ def test_invalid_sequence_parallel_setups_fail_with_numbers_and_alternatives(mes
         validate_sequence_parallel(mesh_config, **arguments)
 
 
+@pytest.mark.parametrize("kernel_name", ["xla", "pallas", "auto"])
+def test_a_kernel_name_is_not_a_sequence_parallelism(kernel_name):
+    """The strategy is config.sequence_parallelism; kernel names (config.attention_kernel) are refused."""
+    with pytest.raises(ValueError, match=rf"unknown sequence parallelism '{kernel_name}'; valid: "
+                                         r"\('none', 'ring', 'ulysses', 'hybrid'\)"):
+        validate_sequence_parallel(MeshConfig(fsdp=8), num_heads=28, num_kv_heads=4, sequence_length=4096,
+                                   batch_size=8, implementation=kernel_name, num_devices=8)
+
+
 def test_valid_af_next_hybrid_setup_passes():
     # AF-Next-7B decoder on one 8-GPU node: Ulysses 4 (= K/V heads) x ring 2 at 128K.
     validate_sequence_parallel(MeshConfig(fsdp=1, ring=2, ulysses=4), num_heads=28, num_kv_heads=4,
                                sequence_length=131072, batch_size=1, implementation="hybrid", num_devices=8)
+
+
+def test_fit_spec_drops_mesh_axes_that_do_not_divide_so_the_array_is_replicated_over_them():
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, ring=2, ulysses=2))
+    spec = P(("fsdp", "ring"), "ulysses")
+    assert fit_spec(spec, (8, 8), mesh) == spec
+    # 6 rows split over fsdp = 2 but not over fsdp x ring = 4: ring is dropped, with no error.
+    assert fit_spec(spec, (6, 8), mesh) == P("fsdp", "ulysses")
+    assert fit_spec(spec, (8, 3), mesh) == P(("fsdp", "ring"), None)
+    # An axis an earlier dimension used, one the mesh lacks, and size-1 axes (tensor) are dropped too.
+    assert fit_spec(P("fsdp", ("fsdp", "ring"), ("no_such_axis",), "tensor"), (8, 8, 8, 8), mesh) == P(
+        "fsdp", None, None, None)
 
 
 def test_kv_heads_are_replicated_only_when_the_ulysses_degree_exceeds_them():

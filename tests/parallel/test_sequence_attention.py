@@ -1,4 +1,4 @@
-"""Ring, Ulysses and hybrid attention equal the single-device reference (model/attention.py).
+"""Ring, Ulysses and hybrid attention equal the single-device reference (attention/reference.py).
 
 Reference: `xla_attention` on the whole sequence, natural token order. Checked: the output and
 dQ/dK/dV (float32, <= 1e-5 relative to the largest entry), with a causal mask, packed segment ids
@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from af_next_jax.model.attention import xla_attention
+from af_next_jax.attention.reference import xla_attention
 from af_next_jax.parallel import MeshConfig, from_load_balanced, make_mesh, to_load_balanced
-from af_next_jax.parallel.block_attention import block_backward, block_forward, attention_delta
-from af_next_jax.parallel.sequence_attention import sequence_parallel_attention
+from af_next_jax.attention.blockwise import attention_delta, block_backward, block_forward
+from af_next_jax.attention.sequence_parallel import sequence_parallel_attention
 
 TOLERANCE = 1e-5
 

@@ -25,7 +25,7 @@ def inputs(seed=0):
 def attention_layer_loss(params, x, target, segment_ids):
     """Project, zigzag-permute, hybrid sequence-parallel attention, un-permute, squared error."""
     from af_next_jax.parallel import from_load_balanced, to_load_balanced
-    from af_next_jax.parallel.sequence_attention import sequence_parallel_attention
+    from af_next_jax.attention.sequence_parallel import sequence_parallel_attention
 
     def project(name, heads):
         return (x @ params[name]).reshape(BATCH, LENGTH, heads, HEAD_DIM)

@@ -13,9 +13,9 @@ import pytest
 
 from af_next_jax.config import tiny
 from af_next_jax.model.af_next import AFNextModel
-from af_next_jax.train.experiment import load_config
+from af_next_jax.experiment import load_config
 from af_next_jax.train.optimizer import make_optimizer, parameter_labels, trainable_mask
-from af_next_jax.train.state import unbox
+from af_next_jax.experiment import unbox
 from af_next_jax.train.train_step import make_train_step, new_train_state
 from trainer_helpers import REPO, micro_batch
 

@@ -13,21 +13,16 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from af_next_jax.batch import zeros_batch
 from af_next_jax.config import tiny
-from af_next_jax.model.af_next import AFNextModel
-from af_next_jax.parallel import MeshConfig, logical_axis_rules, make_mesh
+from af_next_jax.experiment import build_program, experiment_from, load_config
 from af_next_jax.train.checkpointing import (IO_FAILED, UNREADABLE, Checkpointer, CheckpointIOError,
                                              CheckpointMismatchError, classify_error)
-from af_next_jax.train.optimizer import make_optimizer, parameter_labels
-from af_next_jax.train.state import abstract_state, sharded_setup, unbox
 from trainer_helpers import REPO
 
 
@@ -76,20 +71,14 @@ def _truncate_state_files(step_dir) -> None:
 # ------------------------------------------------------------------ the trainer's own state trees
 
 def _trainer_abstract_state(debug_config, *, stage: str = "full", intermediate_size: int | None = None) -> dict:
-    """The abstract TrainState (tree, shapes, shardings) the trainer restores into, for a tiny model."""
-    config = tiny()
+    """The abstract TrainState (tree, shapes, shardings) the trainer restores into, for a tiny model on
+    one device (its Program: af_next_jax/experiment/program.py)."""
+    overrides = [f"--config.stage={stage}", "--config.total_steps=10", "--config.data.seq_len=32",
+                 "--config.data.batch_size=2", "--config.data.max_windows_per_batch=2", "--config.mesh.fsdp=1"]
+    config = load_config(os.path.join(REPO, "experiments", "debug.py"), overrides)
     if intermediate_size is not None:
-        import dataclasses
-
-        config = config.replace(decoder=dataclasses.replace(config.decoder, intermediate_size=intermediate_size))
-    model = AFNextModel(config)
-    example = zeros_batch(config, batch_size=2, seq_len=32, num_windows=2)
-    mesh_config = MeshConfig(data=1, fsdp=1)
-    mesh, rules = make_mesh(mesh_config, jax.devices()[:1]), logical_axis_rules(mesh_config)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        labels = parameter_labels(unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), example)), stage)
-        optimizer, _ = make_optimizer(debug_config.optimizer, labels, 10)
-        return abstract_state(sharded_setup(model, optimizer, example, mesh, rules), optimizer).to_dict()
+        config.model.decoder = {"intermediate_size": intermediate_size}
+    return build_program(experiment_from(config), jax.devices()[:1]).abstract_state().to_dict()
 
 
 def _zeros_like(abstract: dict) -> dict:

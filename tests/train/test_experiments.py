@@ -1,13 +1,12 @@
-"""Experiment configs: every file in experiments/ builds valid typed configs; overrides are typed."""
+"""Experiment configs: every file in experiments/ gives a valid typed Experiment and Program; overrides are typed."""
 
 import glob
 import os
 
 import pytest
 
-from af_next_jax.parallel import MeshConfig, validate_sequence_parallel
-from af_next_jax.train.experiment import load_config, mesh_config_from, model_config_from
-from af_next_jax.train.optimizer import STAGES
+from af_next_jax.experiment import ExperimentError, build_program, experiment_from, load_config
+from af_next_jax.parallel import MeshConfig
 from trainer_helpers import REPO
 
 EXPERIMENTS = sorted(p for p in glob.glob(os.path.join(REPO, "experiments", "*.py"))
@@ -26,21 +25,17 @@ def _specs():
 
 
 @pytest.mark.parametrize("spec", list(_specs()), ids=lambda s: os.path.basename(s))
-def test_every_experiment_builds_a_valid_model_stage_and_mesh(spec):
-    config = load_config(spec)
-    model = model_config_from(config)
-    assert config.stage in STAGES
+def test_every_experiment_builds_a_program_for_the_devices_it_is_meant_for(spec):
+    experiment = experiment_from(load_config(spec))
     mesh_name = spec.rpartition(":")[2] if ":" in os.path.basename(spec) else None
     devices = DEVICES.get(mesh_name, 8 if "long_context" in spec else 1)
-    mesh = mesh_config_from(config)
-    validate_sequence_parallel(mesh, num_heads=model.decoder.num_heads, num_kv_heads=model.decoder.num_kv_heads,
-                               sequence_length=config.data.seq_len,
-                               batch_size=config.data.batch_size,
-                               implementation=model.sequence_parallelism, num_devices=devices)
+    program = build_program(experiment, devices)  # every check, on an abstract mesh of that many devices
+    assert program.replicated == ()
+    model, data = experiment.model, experiment.data
     if model.decoder.vocab_size > 100_000:  # the 7B stages: window caps and context fit the model
-        assert config.data.max_windows_per_audio <= model.max_windows_per_audio
-        assert config.data.seq_len <= model.decoder.max_position_embeddings
-        assert config.init_from, "every 7B stage starts from the previous stage or the converter"
+        assert data.max_windows_per_audio <= model.max_windows_per_audio
+        assert data.seq_len <= model.decoder.max_position_embeddings
+        assert experiment.trainer.init_from, "every 7B stage starts from the previous stage or the converter"
 
 
 def test_long_context_stage_reaches_128k_tokens_and_60_windows_with_hybrid_attention():
@@ -59,7 +54,7 @@ def test_command_line_overrides_are_typed_like_the_defaults():
     assert config.optimizer.learning_rate == 1e-4 and config.total_steps == 7
     assert config.data.dir == "/tmp/x" and config.model.remat_policy == "full"
     assert config.async_checkpointing is False
-    assert model_config_from(config).remat_policy == "full"
+    assert experiment_from(config).model.remat_policy == "full"
 
 
 def test_unknown_override_key_names_the_valid_keys():
@@ -67,18 +62,30 @@ def test_unknown_override_key_names_the_valid_keys():
         load_config(os.path.join(REPO, "experiments", "debug.py"), ["--config.optimizer.lr=1e-4"])
 
 
+def test_a_section_with_an_unknown_key_is_an_error_naming_the_valid_ones():
+    config = load_config(os.path.join(REPO, "experiments", "debug.py"))
+    config.optimizer.lr = 1e-4  # set in Python (an override would be refused earlier)
+    with pytest.raises(ExperimentError, match="learning_rate"):
+        experiment_from(config)
+
+
+def test_a_bad_value_is_an_experiment_error_saying_what_is_valid():
+    config = load_config(os.path.join(REPO, "experiments", "debug.py"), ["--config.stage=everything"])
+    with pytest.raises(ExperimentError, match="valid stages"):
+        experiment_from(config)
+
+
 @pytest.mark.parametrize("weights,expected_share_of_second", [("(3.0, 1.0)", 0.25), ("()", 0.5)])
-def test_mixture_weights_reach_the_pipeline_through_data_config_from(tmp_path, weights, expected_share_of_second):
+def test_mixture_weights_reach_the_pipeline_through_the_data_settings(tmp_path, weights, expected_share_of_second):
     """`--config.data.weights` -> DataConfig.weights -> the share of each manifest in the record stream."""
     from af_next_jax.data.pipeline import manifest_records
-    from af_next_jax.train.experiment import data_config_from
 
     for name in ("first.jsonl", "second.jsonl"):
         (tmp_path / name).write_text("".join(f'{{"line": {i}}}\n' for i in range(7)))
     config = load_config(os.path.join(REPO, "experiments", "debug.py"), [
         f"--config.data.dir={tmp_path}", "--config.data.train_manifests=('first.jsonl', 'second.jsonl')",
         f"--config.data.weights={weights}"])
-    data_config = data_config_from(config)
+    data_config = experiment_from(config).data.shard(0, 1)
     assert data_config.manifests == (str(tmp_path / "first.jsonl"), str(tmp_path / "second.jsonl"))
     assert data_config.weights == (None if weights == "()" else (3.0, 1.0))
     records = manifest_records(data_config)

@@ -31,7 +31,7 @@ from af_next_jax.config import tiny
 from af_next_jax.model.af_next import AFNextModel
 from af_next_jax.train.flops import forward_flops_by_part, train_step_flops
 from af_next_jax.train.optimizer import STAGES, make_optimizer, parameter_labels, trainable_mask
-from af_next_jax.train.state import unbox
+from af_next_jax.experiment import unbox
 from af_next_jax.train.train_step import make_train_step, model_loss_sums, new_train_state
 from trainer_helpers import NUM_WINDOWS, SEQ_LEN, micro_batch, stack
 
@@ -94,8 +94,12 @@ def reference_attention():
     """Route the `xla` kernel to the materialising reference for every compile in this module."""
     from af_next_jax.attention import dispatch, reference
 
+    def materialising(*args, cpu_layouts=False, **masks):
+        del cpu_layouts  # the reference has one layout
+        return reference.xla_attention(*args, **masks)
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dispatch, "recompute_attention", reference.xla_attention)
+        patch.setattr(dispatch, "recompute_attention", materialising)
         yield
 
 

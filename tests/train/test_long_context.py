@@ -15,15 +15,16 @@ import pytest
 
 from af_next_jax.config import tiny
 from af_next_jax.model.af_next import AFNextModel
-from af_next_jax.train.experiment import load_config
+from af_next_jax.experiment import load_config
 from af_next_jax.train.loop import NonFiniteLossError, train
 from af_next_jax.train.metrics import read_metrics
 from af_next_jax.batch import zeros_batch
-from af_next_jax.train.state import unbox
+from af_next_jax.experiment import unbox
 from af_next_jax.train.train_step import model_loss_sums
-from trainer_helpers import NUM_WINDOWS, REPO, SEQ_LEN, SyntheticBatches, micro_batch
+from trainer_helpers import REPO, SEQ_LEN, SyntheticBatches, micro_batch
 
 STREAK = 2
+NUM_WINDOWS = 8  # the window axis splits over the 8 devices (the trainer refuses a replicated one)
 
 
 class ObservedBatches(SyntheticBatches):
@@ -31,7 +32,7 @@ class ObservedBatches(SyntheticBatches):
     for the pipeline's metrics while reporting a step)."""
 
     def __init__(self, poison_from=None):
-        super().__init__(poison_from=poison_from)
+        super().__init__(poison_from=poison_from, num_windows=NUM_WINDOWS)
         self.taken_at_report: list[int] = []
 
     def metrics(self) -> dict:
@@ -69,7 +70,7 @@ def test_sequence_parallel_first_step_loss_equals_single_device_loss(long_contex
     init_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))
     params = jax.jit(lambda key: unbox(model.init(key, example)))(init_key)
     loss_sum, _, tokens = jax.jit(lambda p, b: model_loss_sums(model, p, b, loss_chunk_length=SEQ_LEN))(
-        params, micro_batch(0))
+        params, micro_batch(0, num_windows=NUM_WINDOWS))
     first = read_metrics(workdir)[1]
     np.testing.assert_allclose(first["loss"], float(loss_sum / tokens), rtol=2e-5)
 
@@ -98,7 +99,8 @@ def test_resuming_a_run_stopped_for_non_finite_steps_trains_on_from_the_stopping
     resets the streak so that training goes on."""
     config, workdir, _, _ = long_context_run
     stop_step = 2 + STREAK
-    result = train(long_context_config(total_steps=stop_step + 2), workdir, batches=SyntheticBatches())
+    result = train(long_context_config(total_steps=stop_step + 2), workdir,
+                   batches=SyntheticBatches(num_windows=NUM_WINDOWS))
     metrics = read_metrics(workdir)
     assert result.status == "finished" and sorted(metrics)[-2:] == [stop_step + 1, stop_step + 2]
     resumed = [metrics[stop_step + 1], metrics[stop_step + 2]]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import types
-import typing
 
 import jax
 import numpy as np
@@ -15,8 +14,8 @@ import pytest
 from af_next_jax.parallel import MeshConfig, make_mesh
 from af_next_jax.train import launch
 from af_next_jax.train.flops import peak_flops_per_device
-from af_next_jax.train.host_data import (DataShardError, HostBatches, owned_shards, resolve_shard_count,
-                                         saved_shard_count)
+from af_next_jax.train.host_data import (DataShardError, GroupDataMismatch, HostBatches, merged_positions,
+                                         owned_shards, resolve_shard_count, saved_shard_count)
 from trainer_helpers import slurm_environment
 
 CLUSTER_VARIABLES = ("SLURM_", "OMPI_", "AF_NEXT_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
@@ -98,25 +97,36 @@ def test_open_mpi_variables_give_the_mpi_launch(clean_env):
 
 # ------------------------------------------------------------------ data shards
 
-def test_the_shard_count_is_the_process_count_at_first_start_then_the_saved_one():
+def test_the_shard_count_is_the_row_group_count_at_first_start_then_the_saved_one():
     assert resolve_shard_count(0, 2, batch_size=8, max_windows=8) == 2
     assert resolve_shard_count(4, 2, batch_size=8, max_windows=8) == 4
-    assert resolve_shard_count(0, 1, batch_size=8, max_windows=8, saved=4) == 4  # 4 shards -> 1 process
+    assert resolve_shard_count(0, 1, batch_size=8, max_windows=8, saved=4) == 4  # 4 shards -> 1 group
     assert resolve_shard_count(0, 2, batch_size=8, max_windows=8, saved=4) == 2 * 2
     assert list(owned_shards(4, 1, 2)) == [2, 3]
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (dict(configured=0, process_count=3, saved=2, saved_step=40), r"step 40 .* 2 data shards, which 3 processes "
-                                                                  r"cannot split .* divides 2 \(\[1, 2\]\)"),
-    (dict(configured=4, process_count=2, saved=2), "config.data.shards=4, but the checkpoint read its data as 2"),
-    (dict(configured=3, process_count=2), "multiple of the process count 2"),
-    (dict(configured=0, process_count=4, batch_size=6), "batch_size=6 .* 4 data shards"),
+    (dict(configured=0, groups=3, saved=2, saved_step=40), r"step 40 .* 2 data shards, which the 3 row groups "
+                                                           r".* cannot split .* divides 2 \(\[1, 2\]\)"),
+    (dict(configured=4, groups=2, saved=2), "config.data.shards=4, but the checkpoint read its data as 2"),
+    (dict(configured=3, groups=2), "multiple of the 2 row groups"),
+    (dict(configured=0, groups=4, batch_size=6), "batch_size=6 .* 4 data shards"),
 ])
 def test_a_shard_count_that_would_change_the_data_order_is_refused(arguments, message):
     arguments = dict(dict(batch_size=8, max_windows=8), **arguments)
     with pytest.raises(DataShardError, match=message):
-        resolve_shard_count(arguments.pop("configured"), arguments.pop("process_count"), **arguments)
+        resolve_shard_count(arguments.pop("configured"), arguments.pop("groups"), **arguments)
+
+
+def test_group_members_positions_are_saved_once_and_must_agree():
+    two = _hosts(2, 1) + _hosts(2, 1)  # two members of one group, reading both shards
+    for host in two:
+        next(host)
+    merged = merged_positions([host.get_state() for host in two])
+    assert len(merged) == 1 and sorted(json.loads(merged[0])["shards"]) == ["0", "1"]
+    next(two[1])  # one member moves on alone: it no longer reads what the other reads
+    with pytest.raises(GroupDataMismatch, match="processes 0 and 1 read data shard 0"):
+        merged_positions([host.get_state() for host in two])
 
 
 class _Counting:
@@ -191,32 +201,3 @@ def test_peak_flops_come_from_the_mesh_devices_kind_most_specific_first():
     assert peak_flops_per_device(0.0, devices("NVIDIA A100-SXM4-40GB"))[0] == 312e12
     assert peak_flops_per_device(0.0, devices("TPU v4"))[0] == 275e12
     assert peak_flops_per_device(5e12, devices("TPU v4")) == (5e12, "config")
-
-
-class _Device(typing.NamedTuple):
-    id: int
-    process_index: int
-
-
-def test_a_mesh_that_splits_rows_across_processes_is_refused_before_training(monkeypatch):
-    """8 devices, 4 per process: ring x ulysses = 2 x 2 inside fsdp 2 keeps rows inside a process;
-    ring 4 x ulysses 2 (the sequence over all 8 devices) puts the same rows on both processes."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from af_next_jax.train.loop import _check_whole_rows_per_process
-
-    class TwoProcesses:  # the real sharding, its devices split into two processes of 4
-        def __init__(self, sharding):
-            self.sharding = sharding
-
-        def devices_indices_map(self, shape):
-            return {_Device(device.id, device.id // 4): index
-                    for device, index in self.sharding.devices_indices_map(shape).items()}
-
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    spec = P(None, ("data", "fsdp"), ("ring", "ulysses"))
-    rows_inside = make_mesh(MeshConfig(data=1, fsdp=2, ring=2, ulysses=2))
-    _check_whole_rows_per_process(TwoProcesses(NamedSharding(rows_inside, spec)), (1, 4, 64))
-    rows_across = make_mesh(MeshConfig(data=1, fsdp=1, ring=4, ulysses=2))
-    with pytest.raises(ValueError, match=r"splits batch rows across processes \(rows 0-3 live on processes \[0, 1\]"):
-        _check_whole_rows_per_process(TwoProcesses(NamedSharding(rows_across, spec)), (1, 4, 64))

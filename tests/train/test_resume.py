@@ -117,7 +117,8 @@ def test_next_stage_can_start_from_the_finished_workdir(runs):
     from af_next_jax.convert.orbax_io import load_config as load_model_config
     from af_next_jax.model.af_next import AFNextModel
     from af_next_jax.batch import zeros_batch
-    from af_next_jax.train.state import load_initial_params, unbox
+    from af_next_jax.experiment import unbox
+    from af_next_jax.train.state import load_initial_params
 
     model_config = load_model_config(os.path.join(runs["reference"], "export"))
     example = zeros_batch(model_config, batch_size=1, seq_len=16, num_windows=1)

@@ -15,7 +15,7 @@ from af_next_jax.batch import TEXT_FIELDS
 from af_next_jax.config import tiny
 from af_next_jax.model.af_next import AFNextModel
 from af_next_jax.train.optimizer import parameter_labels
-from af_next_jax.train.state import unbox
+from af_next_jax.experiment import unbox
 from af_next_jax.train.train_step import model_loss_sums
 from trainer_helpers import micro_batch
 

@@ -2,7 +2,8 @@
 
 import logging
 
-from af_next_jax.train.loop import _setup_logging
+from af_next_jax.train.reporting import setup_logging
+from af_next_jax.workdir import Workdir
 
 
 def test_a_second_run_in_the_same_process_does_not_write_into_the_first_runs_log(tmp_path):
@@ -11,9 +12,9 @@ def test_a_second_run_in_the_same_process_does_not_write_into_the_first_runs_log
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
     try:
-        _setup_logging(str(first))
+        setup_logging(Workdir(first))
         logging.getLogger("af_next_jax.train").info("line of the first run")
-        _setup_logging(str(second))
+        setup_logging(Workdir(second))
         logging.getLogger("af_next_jax.train").info("line of the second run")
     finally:
         for handler in [h for h in root.handlers if h not in before]:

@@ -20,10 +20,11 @@ from af_next_jax.batch import zeros_batch
 from af_next_jax.config import tiny
 from af_next_jax.model.af_next import AFNextModel
 from af_next_jax.model.synthetic import synthetic_batch
-from af_next_jax.train.experiment import load_config
+from af_next_jax.experiment import load_config
 from af_next_jax.train.loop import train
 from af_next_jax.train.metrics import read_metrics
-from af_next_jax.train.state import load_initial_params, unbox
+from af_next_jax.experiment import unbox
+from af_next_jax.train.state import load_initial_params
 from af_next_jax.train.train_step import model_loss_sums
 from trainer_helpers import REPO
 

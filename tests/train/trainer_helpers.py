@@ -14,9 +14,9 @@ SEQ_LEN = 256
 NUM_WINDOWS = 4
 
 
-def micro_batch(seed: int, config=None) -> dict:
+def micro_batch(seed: int, config=None, num_windows: int = NUM_WINDOWS) -> dict:
     return synthetic_batch(config or tiny(), audio_frames_per_example=[[500], [300, 200]], seq_len=SEQ_LEN,
-                           num_windows=NUM_WINDOWS, seed=seed)
+                           num_windows=num_windows, seed=seed)
 
 
 def stack(*batches) -> dict:
@@ -27,14 +27,14 @@ class SyntheticBatches:
     """An in-memory stand-in for the data pipeline: batch i is `micro_batch(i)`; `poison_from` makes
     every batch from that index on carry a NaN in its log-mel (a non-finite loss)."""
 
-    def __init__(self, config=None, poison_from: int | None = None):
-        self.index, self.config, self.poison_from = 0, config, poison_from
+    def __init__(self, config=None, poison_from: int | None = None, num_windows: int = NUM_WINDOWS):
+        self.index, self.config, self.poison_from, self.num_windows = 0, config, poison_from, num_windows
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = micro_batch(self.index, self.config)
+        batch = micro_batch(self.index, self.config, self.num_windows)
         if self.poison_from is not None and self.index >= self.poison_from:
             batch["mel_windows"][0, 0, 0] = np.nan
         self.index += 1
