@@ -12,11 +12,14 @@ A batch is a dict of arrays with static shapes (so one compiled step serves ever
   window_index    [W] int32       index of the window inside its audio (0, 1, ...; resets per audio),
                                   the window axis of RoTE
 
-Windows are ordered as their `<sound>` runs appear in token_ids read row-major (row 0 first), an
-audio's windows consecutive. The run of an audio holds exactly
-`sum(encoder_tokens_for_frames(mel_valid_frames[w]))` over its windows: the model scatters the valid
-encoder tokens into the `<sound>` slots in that order (as transformers' `masked_scatter` does).
-Text-only batches carry W >= 1 padding windows with mel_valid_frames = 0.
+Every row owns W / B window slots (W is a multiple of B): row b's windows are slots
+[b W/B, (b + 1) W/B), its audios' windows first, in the order their `<sound>` runs appear in the row
+(an audio's windows consecutive), padding windows (valid frames 0) after them. The `<sound>` run of an
+audio holds exactly `sum(encoder_tokens_for_frames(mel_valid_frames[w]))` over its windows: the model
+puts the k-th valid encoder token of row b's windows into row b's k-th `<sound>` slot (transformers'
+`masked_scatter` reads the whole batch row-major, which is the same order). Rows own their windows so
+that the device holding a row holds its audio: the merge never needs another row's windows
+(model/audio_merge.py). Text-only rows hold padding windows only.
 """
 
 from __future__ import annotations
@@ -30,9 +33,18 @@ AUDIO_FIELDS = ("mel_windows", "mel_valid_frames", "window_index")
 FIELDS = TEXT_FIELDS + AUDIO_FIELDS
 
 
+def windows_per_row(batch_size: int, num_windows: int) -> int:
+    """W / B: the window slots each row owns (see the module docstring)."""
+    if batch_size <= 0 or num_windows % batch_size:
+        raise ValueError(f"{num_windows} windows do not split into equal window slots for {batch_size} rows; "
+                         f"every row owns W / B of them: use a multiple of {batch_size}")
+    return num_windows // batch_size
+
+
 def zeros_batch(config: ModelConfig, *, batch_size: int, seq_len: int, num_windows: int) -> dict:
     """An all-padding batch with the contract's static shapes (text-only, padding windows): for
     shapes, abstract init and compilation."""
+    windows_per_row(batch_size, num_windows)
     encoder = config.encoder
     text = {name: np.zeros((batch_size, seq_len), np.int32) for name in TEXT_FIELDS if name != "loss_mask"}
     return {**text, "loss_mask": np.zeros((batch_size, seq_len), np.float32),
@@ -77,8 +89,11 @@ def validate_batch(batch: dict, config: ModelConfig) -> None:
     if valid_frames.min(initial=0) < 0 or valid_frames.max(initial=0) > encoder.mel_frames_per_window:
         raise ValueError(f"mel_valid_frames must lie in [0, {encoder.mel_frames_per_window}], "
                          f"got range [{valid_frames.min()}, {valid_frames.max()}]")
-    audio_slots = int((np.asarray(batch["token_ids"]) == config.audio_token_id).sum())
-    audio_tokens = int(encoder_tokens_for_frames(valid_frames.astype(np.int64)).sum())
-    if audio_slots != audio_tokens:
-        raise ValueError(f"token_ids hold {audio_slots} <sound> slots (id {config.audio_token_id}) but the "
-                         f"windows give {audio_tokens} encoder tokens; they must be equal")
+    rows = text_shape[0]
+    slots_per_row = windows_per_row(rows, mel_shape[0])
+    audio_slots_B = (np.asarray(batch["token_ids"]) == config.audio_token_id).sum(axis=1)
+    audio_tokens_B = encoder_tokens_for_frames(valid_frames.astype(np.int64)).reshape(rows, slots_per_row).sum(axis=1)
+    for row in np.flatnonzero(audio_slots_B != audio_tokens_B):
+        raise ValueError(f"row {row} holds {audio_slots_B[row]} <sound> slots (id {config.audio_token_id}) but its "
+                         f"windows (slots {row * slots_per_row}-{(row + 1) * slots_per_row - 1}) give "
+                         f"{audio_tokens_B[row]} encoder tokens; they must be equal")

@@ -60,14 +60,21 @@ def memory_table(step, hbm_bytes: int) -> MemoryTable:
                        total=total, hbm=hbm_bytes)
 
 
+def collective_ops(hlo_text: str) -> list[tuple[str, int, str]]:
+    """(kind, bytes of its result, the result's shape text) of every collective in the HLO text."""
+    ops = []
+    for match in _OP.finditer(hlo_text):
+        size = sum(math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+                   for dtype, dims in _ARRAY.findall(match.group("shape")))
+        ops.append((match.group("kind"), size, match.group("shape")))
+    return ops
+
+
 def collective_summary(hlo_text: str) -> dict[str, tuple[int, int]]:
     """{kind: (ops, bytes of their results)} over the HLO text. Static: an op inside a loop (the scanned
     layers, the ring steps) counts once, so this is per loop body, not per step."""
     summary = collections.defaultdict(lambda: [0, 0])
-    for match in _OP.finditer(hlo_text):
-        kind = match.group("kind")
-        size = sum(math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
-                   for dtype, dims in _ARRAY.findall(match.group("shape")))
+    for kind, size, _ in collective_ops(hlo_text):
         summary[kind][0] += 1
         summary[kind][1] += size
     return {kind: tuple(summary[kind]) for kind in COLLECTIVES if kind in summary}

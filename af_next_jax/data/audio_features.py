@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from af_next_jax.batch import windows_per_row
 from af_next_jax.config import MEL_HOP_LENGTH, EncoderConfig, encoder_tokens_for_frames
 from af_next_jax.data.audio import AudioError, split_windows
 from af_next_jax.data.features import log_mel_windows, valid_frames_for_samples
@@ -118,30 +119,25 @@ def example_windows(features: Sequence[AudioFeatures], encoder: EncoderConfig) -
 
 
 def layout_windows(rows: Sequence[Sequence[Mapping[str, np.ndarray]]], num_windows: int,
-                   mel_shape: tuple[int, int], row_blocks: int = 1) -> dict[str, np.ndarray]:
+                   mel_shape: tuple[int, int]) -> dict[str, np.ndarray]:
     """The audio fields of a batch (af_next_jax/batch.py): `mel_windows` [num_windows, *mel_shape],
     `mel_valid_frames` and `window_index` [num_windows].
 
     `rows[r]` are the window runs (`WINDOW_FIELDS`: a prepared example's, or one audio's) of row r,
-    in the order their `<sound>` runs appear in it. Windows are laid out as the contract orders them:
-    row-major, each run's windows consecutive; padding windows (valid frames 0) fill up to
-    `num_windows`, a static count. With `row_blocks`, the rows form that many equal blocks and block k's
-    windows start at slot k x num_windows / row_blocks (packing.py says why). Raises ValueError when a
-    block's runs hold more windows than its share.
+    in the order their `<sound>` runs appear in it. Row r owns slots [r S, (r + 1) S) with
+    S = num_windows / rows (the contract): its runs' windows first, consecutive, then padding windows
+    (valid frames 0). Raises ValueError when a row's runs hold more than S windows.
     """
-    if len(rows) % row_blocks or num_windows % row_blocks:
-        raise ValueError(f"{len(rows)} rows and {num_windows} windows do not split into {row_blocks} row blocks")
-    rows_per_block, windows_per_block = len(rows) // row_blocks, num_windows // row_blocks
+    slots = windows_per_row(len(rows), num_windows)
     mel_windows = np.zeros((num_windows, *mel_shape), np.float32)
     mel_valid_frames = np.zeros(num_windows, np.int32)
     window_index = np.zeros(num_windows, np.int32)
-    for block in range(row_blocks):
-        runs = [run for row in rows[block * rows_per_block:(block + 1) * rows_per_block] for run in row]
+    for row, runs in enumerate(rows):
         needed = sum(len(run["valid_frames"]) for run in runs)
-        if needed > windows_per_block:
-            raise ValueError(f"the rows hold {needed} windows but the batch has room for {windows_per_block}"
-                             + (f" in row block {block}" if row_blocks > 1 else " (num_windows)"))
-        start = block * windows_per_block
+        if needed > slots:
+            raise ValueError(f"row {row} holds {needed} windows but each row owns {slots} window slots "
+                             f"({num_windows} windows for {len(rows)} rows)")
+        start = row * slots
         for run in runs:
             count = len(run["valid_frames"])
             mel_windows[start:start + count] = run["mel"]

@@ -1,14 +1,9 @@
 """Sequence packing into the static-shape batch of af_next_jax/batch.py, as a checkpointable grain stage.
 
-First fit: each example goes into the first of the B rows with room for its tokens, provided the
-window budget of the row's block still holds its windows; the first example that fits nowhere closes
-the batch and opens the next one. Examples are never split, so no attention crosses examples and an
-audio's `<sound>` run never straddles two rows.
-
-Row blocks: the B rows form `row_blocks` equal blocks, each with W / row_blocks windows of its own,
-laid out block by block. A device holds whole blocks (its rows and those rows' windows,
-af_next_jax/experiment/feeding.py), so a batch whose blocks land on devices in any order keeps the
-contract's row-major window order.
+First fit: each example goes into the first of the B rows with room for its tokens and, among the
+W / B window slots the row owns (af_next_jax/batch.py), for its windows; the first example that fits
+nowhere closes the batch and opens the next one. Examples are never split, so no attention crosses
+examples and an audio's `<sound>` run never straddles two rows.
 
 Each batch also carries `STATS_KEY`: per-reason counts of the examples skipped while it was built,
 the number of examples packed and of audios truncated at the window cap. `BatchIterator` pops it.
@@ -19,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import grain
 
+from af_next_jax.batch import windows_per_row
 from af_next_jax.data.audio_features import layout_windows
 from af_next_jax.data.manifest import SKIP_REASONS
 
@@ -29,15 +25,13 @@ STAT_NAMES = SKIP_REASONS + ("examples", "truncated_audio")
 class BatchBuilder:
     """Accumulates prepared examples into one batch of `batch_size` rows x `seq_len` tokens."""
 
-    def __init__(self, batch_size: int, seq_len: int, max_windows: int, mel_shape: tuple[int, int], pad_id: int,
-                 row_blocks: int = 1):
-        if batch_size % row_blocks or max_windows % row_blocks:
-            raise ValueError(f"{batch_size} rows and {max_windows} windows must split into {row_blocks} row blocks")
+    def __init__(self, batch_size: int, seq_len: int, max_windows: int, mel_shape: tuple[int, int], pad_id: int):
         self.batch_size, self.seq_len, self.max_windows = batch_size, seq_len, max_windows
-        self.mel_shape, self.pad_id, self.row_blocks = mel_shape, pad_id, row_blocks
+        self.windows_per_row = windows_per_row(batch_size, max_windows)
+        self.mel_shape, self.pad_id = mel_shape, pad_id
         self.rows: list[list[dict]] = [[] for _ in range(batch_size)]
         self.row_lengths = [0] * batch_size
-        self.block_windows = [0] * row_blocks
+        self.row_windows = [0] * batch_size
         self.stats = np.zeros(len(STAT_NAMES), np.int64)
 
     @property
@@ -49,13 +43,11 @@ class BatchBuilder:
 
     def try_add(self, example: dict) -> bool:
         length, windows = len(example["token_ids"]), len(example["valid_frames"])
-        rows_per_block, windows_per_block = self.batch_size // self.row_blocks, self.max_windows // self.row_blocks
         for row, used in enumerate(self.row_lengths):
-            block = row // rows_per_block
-            if used + length <= self.seq_len and self.block_windows[block] + windows <= windows_per_block:
+            if used + length <= self.seq_len and self.row_windows[row] + windows <= self.windows_per_row:
                 self.rows[row].append(example)
                 self.row_lengths[row] += length
-                self.block_windows[block] += windows
+                self.row_windows[row] += windows
                 self.stats[STAT_NAMES.index("examples")] += 1
                 self.stats[STAT_NAMES.index("truncated_audio")] += example["truncated_audio"]
                 return True
@@ -81,7 +73,7 @@ class BatchBuilder:
                 loss_mask[row, offset:offset + length - 1] = example["trainable"][1:]
                 offset += length
         # Every example is one run of windows; inference lays out its prompts' audios the same way.
-        windows = layout_windows(self.rows, self.max_windows, self.mel_shape, self.row_blocks)
+        windows = layout_windows(self.rows, self.max_windows, self.mel_shape)
         return {"token_ids": token_ids, "positions": positions, "segment_ids": segment_ids,
                 "target_ids": target_ids, "loss_mask": loss_mask, **windows, STATS_KEY: self.stats.copy()}
 
@@ -90,9 +82,9 @@ class PackedBatchIterDataset(grain.IterDataset):
     """Prepared examples (or `{"skip": reason}` records) -> packed batches."""
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, seq_len: int, max_windows: int,
-                 mel_shape: tuple[int, int], pad_id: int, row_blocks: int = 1):
+                 mel_shape: tuple[int, int], pad_id: int):
         super().__init__(parent)
-        self._builder_args = (batch_size, seq_len, max_windows, tuple(mel_shape), pad_id, row_blocks)
+        self._builder_args = (batch_size, seq_len, max_windows, tuple(mel_shape), pad_id)
 
     def __iter__(self):
         return _PackedBatchIterator(self._parent.__iter__(), self._builder_args)

@@ -49,10 +49,7 @@ class DataConfig:
     weights: tuple[float, ...] | None = None  # mixture weights, one per source (None = equal)
     seq_len: int = 1024
     batch_size: int = 8
-    max_windows_per_batch: int = 16  # static W of mel_windows
-    # The rows form this many equal blocks, each with its own share of the windows (packing.py): the
-    # rows a device holds and their windows (experiment/feeding.py). 1 = one budget for the batch.
-    row_blocks: int = 1
+    max_windows_per_batch: int = 16  # static W of mel_windows: each row owns W / batch_size of them
     max_windows_per_audio: int | None = None  # None = the model's max_windows_per_audio
     num_workers: int = 0  # grain worker processes (0 = featurise in threads of this process)
     num_threads: int = 2  # featurising threads per process
@@ -75,13 +72,12 @@ class DataConfig:
         if self.weights is not None and (len(self.weights) != len(self.manifests) or min(self.weights) <= 0):
             raise ValueError(f"weights must be {len(self.manifests)} positive numbers (one per manifest), "
                              f"got {self.weights}")
-        for name in ("seq_len", "batch_size", "max_windows_per_batch", "row_blocks", "num_threads",
-                     "skip_check_after"):
+        for name in ("seq_len", "batch_size", "max_windows_per_batch", "num_threads", "skip_check_after"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DataConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.batch_size % self.row_blocks or self.max_windows_per_batch % self.row_blocks:
-            raise ValueError(f"batch_size={self.batch_size} and max_windows_per_batch={self.max_windows_per_batch} "
-                             f"must split into row_blocks={self.row_blocks} equal blocks")
+        if self.max_windows_per_batch % self.batch_size:
+            raise ValueError(f"max_windows_per_batch={self.max_windows_per_batch} must be a multiple of batch_size="
+                             f"{self.batch_size}: every row owns max_windows_per_batch / batch_size window slots")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.skip_threshold <= 1.0:
@@ -248,8 +244,7 @@ def build_dataset(data_config: DataConfig, model_config: ModelConfig) -> grain.I
     encoder = model_config.encoder
     batches = PackedBatchIterDataset(prepared, data_config.batch_size, data_config.seq_len,
                                      data_config.max_windows_per_batch,
-                                     (encoder.num_mel_bins, encoder.mel_frames_per_window), tokenizer.special.pad,
-                                     data_config.row_blocks)
+                                     (encoder.num_mel_bins, encoder.mel_frames_per_window), tokenizer.special.pad)
     if data_config.num_workers:
         from absl import flags
 

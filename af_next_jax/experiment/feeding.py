@@ -45,17 +45,6 @@ class FeedingPlan:
     groups: tuple[RowGroup, ...]
     batch_size: int
     num_windows: int
-    rows_per_block: int               # the rows one device holds (whole or a sequence slice), a block
-
-    def row_blocks_per_shard(self, num_shards: int) -> int:
-        """Row blocks in one data shard's part of a batch (packing.py gives each its own windows). A shard
-        is whole blocks, or a part of one block (its windows then follow the block's other shards')."""
-        rows = self.batch_size // num_shards
-        if rows % self.rows_per_block and self.rows_per_block % rows:
-            raise ExperimentError(
-                f"{num_shards} data shards fill {rows} rows each, but a device holds blocks of "
-                f"{self.rows_per_block} rows: choose config.data.shards so that one divides the other")
-        return max(1, rows // self.rows_per_block)
 
     @property
     def num_groups(self) -> int:
@@ -136,8 +125,7 @@ def feeding_plan(device_processes: np.ndarray, mesh_shape: dict, axis_names: tup
     if len({len(group.rows) for group in groups}) > 1:
         raise ExperimentError(f"row groups hold different numbers of rows ({[len(g.rows) for g in groups]}): "
                               f"data shards fill equal parts of a batch")
-    first_device_rows = rows.reshape(-1, 2)[0]
-    return FeedingPlan(tuple(groups), batch_size, num_windows, int(first_device_rows[1] - first_device_rows[0]))
+    return FeedingPlan(tuple(groups), batch_size, num_windows)
 
 
 def plan_for_mesh(mesh, micro_batch_shardings: dict, batch_size: int, num_windows: int) -> FeedingPlan:

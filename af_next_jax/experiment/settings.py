@@ -120,11 +120,14 @@ class DataSettings:
                  f"data.max_windows_per_audio must be positive (or None for the model's), got "
                  f"{self.max_windows_per_audio}")
         _require(self.shards >= 0, f"data.shards must be >= 0 (0 = one per process), got {self.shards}")
+        _require(self.max_windows_per_batch % self.batch_size == 0,
+                 f"data.max_windows_per_batch={self.max_windows_per_batch} must be a multiple of data.batch_size="
+                 f"{self.batch_size}: every row owns max_windows_per_batch / batch_size window slots (af_next_jax/"
+                 f"batch.py); e.g. {-(-self.max_windows_per_batch // self.batch_size) * self.batch_size}")
 
-    def shard(self, shard: int, num_shards: int, split: str = "train", *, row_blocks: int = 1):
+    def shard(self, shard: int, num_shards: int, split: str = "train"):
         """The DataConfig of data shard `shard` of `num_shards` (train/host_data.py): lines `shard::num_shards`
-        of every source, `batch_size / num_shards` rows and `max_windows_per_batch / num_shards` windows,
-        in `row_blocks` blocks (experiment/feeding.py `row_blocks_per_shard`)."""
+        of every source, `batch_size / num_shards` rows and `max_windows_per_batch / num_shards` windows."""
         from af_next_jax.data import DataConfig
 
         for name in ("batch_size", "max_windows_per_batch"):
@@ -133,8 +136,7 @@ class DataSettings:
         common = dict(tokenizer=self.tokenizer, seq_len=self.seq_len, batch_size=self.batch_size // num_shards,
                       max_windows_per_batch=self.max_windows_per_batch // num_shards,
                       max_windows_per_audio=self.max_windows_per_audio, num_workers=self.num_workers,
-                      num_threads=self.num_threads, seed=self.seed, process_index=shard, process_count=num_shards,
-                      row_blocks=row_blocks)
+                      num_threads=self.num_threads, seed=self.seed, process_index=shard, process_count=num_shards)
         if split == "train":
             return DataConfig(manifests=self.train_manifests, weights=self.weights, **common)
         if split == "heldout":

@@ -213,8 +213,9 @@ def prompt_batch(token_rows: Sequence[np.ndarray], audios: Sequence[Sequence[Aud
     """A left-padded batch (af_next_jax/inference/decoding.py) of prompts, each with its own audios.
 
     `length` / `num_windows` pad to static sizes (fewer recompilations across batches); by default
-    the longest prompt and exactly the windows needed. The windows are laid out by the data
-    pipeline's own `layout_windows` (data/audio_features.py).
+    the longest prompt and rows x the most windows a prompt needs (every row owns num_windows / rows
+    window slots, af_next_jax/batch.py). The windows are laid out by the data pipeline's own
+    `layout_windows` (data/audio_features.py).
     """
     if len(token_rows) != len(audios):
         raise ValueError(f"{len(token_rows)} prompts but {len(audios)} audio lists; give one list per prompt")
@@ -234,11 +235,11 @@ def prompt_batch(token_rows: Sequence[np.ndarray], audios: Sequence[Sequence[Aud
     real = np.arange(length)[None, :] >= (length - np.array([len(r) for r in token_rows]))[:, None]
     batch = {"token_ids": token_ids, "segment_ids": real.astype(np.int32),
              "positions": np.maximum(np.cumsum(real, axis=1) - 1, 0).astype(np.int32)}
-    windows = sum(audio.num_windows for row in audios for audio in row)
-    if windows == 0:
+    most = max(sum(audio.num_windows for audio in row) for row in audios)
+    if most == 0:
         return batch
-    num_windows = windows if num_windows is None else num_windows
+    num_windows = len(token_rows) * most if num_windows is None else num_windows
     encoder = config.encoder
-    # One block per row: its audios' windows in the order of their <sound> runs.
+    # One run per row: its audios' windows in the order of their <sound> runs.
     blocks = [[example_windows(row, encoder)] for row in audios]
     return {**batch, **layout_windows(blocks, num_windows, (encoder.num_mel_bins, encoder.mel_frames_per_window))}

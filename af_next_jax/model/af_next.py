@@ -16,6 +16,7 @@ import flax.linen as nn
 from af_next_jax.attention.platform import AttentionChoice
 from af_next_jax.config import LOAD_BALANCED_STRATEGIES, ModelConfig
 from af_next_jax.model import axes
+from af_next_jax.model.audio_merge import merge_audio_into_text
 from af_next_jax.model.decoder import Decoder
 from af_next_jax.model.encoder import AudioEncoder
 from af_next_jax.model.numerics import Numerics
@@ -24,24 +25,6 @@ from af_next_jax.model.rote import apply_rotary_time_embedding
 
 # Parameters that are fixed tables in the checkpoint and must never be updated by an optimizer.
 FROZEN_PARAMETERS = (("encoder", "embed_positions"),)
-
-
-def merge_audio_into_text(text_embeds_BxLxD, token_ids_BxL, audio_embeds_NxTxD, audio_valid_NxT, audio_token_id):
-    """Scatter the valid audio tokens, in window order, into the `<sound>` slots read row-major.
-
-    The k-th `<sound>` slot of the batch receives the k-th valid encoder token (transformers'
-    `masked_scatter`). Written as a gather so it has static shapes and shards over the sequence.
-    """
-    windows, tokens, width = audio_embeds_NxTxD.shape
-    flat_audio_MxD = audio_embeds_NxTxD.reshape(windows * tokens, width)
-    valid_source_M = jnp.nonzero(audio_valid_NxT.reshape(-1), size=windows * tokens, fill_value=0)[0]
-    is_audio_BxL = token_ids_BxL == audio_token_id
-    slot_rank_BxL = (jnp.cumsum(is_audio_BxL.reshape(-1)) - 1).reshape(is_audio_BxL.shape)
-    slot_rank_BxL = jnp.clip(slot_rank_BxL, 0, windows * tokens - 1)
-    audio_at_slots_BxLxD = jnp.take(flat_audio_MxD, valid_source_M[slot_rank_BxL], axis=0)
-    merged_BxLxD = jnp.where(is_audio_BxL[..., None], audio_at_slots_BxLxD.astype(text_embeds_BxLxD.dtype),
-                             text_embeds_BxLxD)
-    return axes.constrain(merged_BxLxD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
 
 class AFNextModel(nn.Module):
@@ -74,8 +57,9 @@ class AFNextModel(nn.Module):
             return text_BxLxD
         audio_NxTxD, valid_NxT = self.encode_audio_windows(
             batch["mel_windows"], batch["mel_valid_frames"], batch["window_index"])
-        return merge_audio_into_text(text_BxLxD, batch["token_ids"], audio_NxTxD, valid_NxT,
-                                     self.config.audio_token_id)
+        merged_BxLxD = merge_audio_into_text(text_BxLxD, batch["token_ids"], audio_NxTxD, valid_NxT,
+                                             self.config.audio_token_id)
+        return axes.constrain(merged_BxLxD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
     def __call__(self, batch, *, return_hidden: bool = False):
         """Logits [B, L, vocab] (or final hidden states [B, L, D] with `return_hidden`)."""

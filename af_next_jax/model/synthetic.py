@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from af_next_jax.batch import windows_per_row
 from af_next_jax.config import ModelConfig, encoder_tokens_for_frames
 
 PAD_ID = 0
@@ -20,8 +21,9 @@ def synthetic_batch(config: ModelConfig, *, audio_frames_per_example: list[list[
     """One example per row; example b holds audios of `audio_frames_per_example[b]` mel frames each.
 
     Row layout: text, then per audio `<|sound_bos|>` N x `<sound>` `<|sound_eos|>` + text, then padding.
-    Every token but the last of an example is trained (loss_mask 1). `num_windows` pads the window
-    axis to a static size (default: exactly the windows needed, at least one).
+    Every token but the last of an example is trained (loss_mask 1). `num_windows` is the static window
+    axis, a multiple of the rows (each row owns num_windows / rows slots, af_next_jax/batch.py; default:
+    rows x the most windows any row needs, at least one each).
     """
     rng = np.random.default_rng(seed)
     encoder = config.encoder
@@ -30,13 +32,13 @@ def synthetic_batch(config: ModelConfig, *, audio_frames_per_example: list[list[
 
     batch_size = len(audio_frames_per_example)
     token_ids = np.full((batch_size, seq_len), PAD_ID, np.int32)
-    window_frames, window_index = [], []
+    window_frames, window_index = [[] for _ in range(batch_size)], [[] for _ in range(batch_size)]
     for row, audio_frames in enumerate(audio_frames_per_example):
         tokens = list(rng.choice(text_vocab, text_tokens_between))
         for frames in audio_frames:
             windows = split_into_windows(frames, encoder.mel_frames_per_window)
-            window_frames += windows
-            window_index += list(range(len(windows)))
+            window_frames[row] += windows
+            window_index[row] += list(range(len(windows)))
             sound_tokens = int(sum(encoder_tokens_for_frames(w) for w in windows))
             tokens += [config.audio_bos_token_id] + [config.audio_token_id] * sound_tokens + [config.audio_eos_token_id]
             tokens += list(rng.choice(text_vocab, text_tokens_between))
@@ -47,13 +49,18 @@ def synthetic_batch(config: ModelConfig, *, audio_frames_per_example: list[list[
     lengths = (token_ids != PAD_ID).sum(axis=1)
     valid_BxL = np.arange(seq_len)[None, :] < lengths[:, None]
     target_ids = np.where(np.arange(seq_len)[None, :] < (lengths - 1)[:, None], np.roll(token_ids, -1, axis=1), 0)
-    num_windows = max(len(window_frames), 1) if num_windows is None else num_windows
-    if num_windows < len(window_frames):
-        raise ValueError(f"the examples need {len(window_frames)} windows but num_windows is {num_windows}")
+    needed = max(max(len(frames) for frames in window_frames), 1)
+    slots = needed if num_windows is None else windows_per_row(batch_size, num_windows)
+    if slots < needed:
+        raise ValueError(f"a row needs {needed} windows but {num_windows} windows give each of the {batch_size} "
+                         f"rows {slots}")
+    num_windows = batch_size * slots
     mel_valid_frames = np.zeros(num_windows, np.int32)
-    mel_valid_frames[:len(window_frames)] = window_frames
     windows_index = np.zeros(num_windows, np.int32)
-    windows_index[:len(window_index)] = window_index
+    for row in range(batch_size):
+        count = len(window_frames[row])
+        mel_valid_frames[row * slots:row * slots + count] = window_frames[row]
+        windows_index[row * slots:row * slots + count] = window_index[row]
     mel = rng.normal(size=(num_windows, encoder.num_mel_bins, encoder.mel_frames_per_window)).astype(np.float32)
     return {
         "token_ids": token_ids,

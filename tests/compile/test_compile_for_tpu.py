@@ -155,7 +155,7 @@ def test_the_compile_command_prints_no_libtpu_start_up_errors_on_a_host_without_
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
-                                                   if line.startswith("error: max_windows_per_batch=6")]
+                                                   if line.startswith("error: data.max_windows_per_batch=6")]
 
 
 def test_compile_only_libtpu_leaves_tpu_hosts_and_the_users_choice_alone():

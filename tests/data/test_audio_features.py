@@ -75,8 +75,9 @@ def test_an_empty_audio_is_skipped_in_training_and_an_error_in_inference(prepare
 
 
 def test_prompt_batches_and_packed_batches_lay_out_the_same_audios_alike(tiny_config, demo_tokenizer):
-    """Row 0 holds audios A (2 windows) and B (1), row 1 audio C (3): windows row-major, each audio's
-    consecutive, window_index restarting per audio, padding windows (0 valid frames) after them."""
+    """Row 0 holds audios A (2 windows) and B (1), row 1 audio C (3). Each row owns 8 / 2 = 4 window slots
+    (af_next_jax/batch.py): its audios' windows first, each audio's consecutive, window_index restarting
+    per audio, then the row's padding windows (0 valid frames)."""
     encoder, special = tiny_config.encoder, demo_tokenizer.special
     lengths = {"A": int(7.1 * SAMPLE_RATE), "B": int(2.0 * SAMPLE_RATE), "C": int(14.2 * SAMPLE_RATE)}
     audios = {name: featurize_audio(_noise(n, seed=i), encoder, tiny_config.max_windows_per_audio, name=name)
@@ -102,10 +103,13 @@ def test_prompt_batches_and_packed_batches_lay_out_the_same_audios_alike(tiny_co
 
     for name in ("mel_windows", "mel_valid_frames", "window_index"):
         np.testing.assert_array_equal(prompts[name], packed[name], err_msg=name)
-    assert packed["window_index"].tolist() == [0, 1, 0, 0, 1, 2, 0, 0]
-    order = [audios["A"], audios["B"], audios["C"]]
-    assert packed["mel_valid_frames"].tolist() == [f for a in order for f in a.valid_frames_W.tolist()] + [0, 0]
-    np.testing.assert_array_equal(packed["mel_windows"][:6], np.concatenate([a.mel_WxMxT for a in order]))
-    assert not packed["mel_windows"][6:].any()
+    assert packed["window_index"].tolist() == [0, 1, 0, 0, 0, 1, 2, 0]
+    frames = packed["mel_valid_frames"].tolist()
+    assert frames[:4] == [f for a in (audios["A"], audios["B"]) for f in a.valid_frames_W.tolist()] + [0]
+    assert frames[4:] == audios["C"].valid_frames_W.tolist() + [0]
+    np.testing.assert_array_equal(packed["mel_windows"][:3], np.concatenate([audios["A"].mel_WxMxT,
+                                                                            audios["B"].mel_WxMxT]))
+    np.testing.assert_array_equal(packed["mel_windows"][4:7], audios["C"].mel_WxMxT)
+    assert not packed["mel_windows"][3].any() and not packed["mel_windows"][7].any()
     validate_batch({**prompts, "target_ids": packed["target_ids"], "loss_mask": packed["loss_mask"]}, tiny_config)
     validate_batch(packed, tiny_config)

@@ -85,17 +85,19 @@ def test_example_of_exactly_seq_len_fits_an_empty_row_and_longer_never_does():
     assert builder.try_add(_example(3, 61)) and not builder.try_add(_example(4, 1))  # both rows full
 
 
-def test_each_row_block_keeps_its_windows_in_its_own_slots():
-    """2 blocks of 2 rows, 2 windows each: a block's windows start at its own slot, whatever the other
-    block holds, so a device holding block 1 finds block 1's windows (experiment/feeding.py)."""
-    builder = BatchBuilder(4, 512, 4, MEL_SHAPE, pad_id=0, row_blocks=2)
+def test_each_row_keeps_its_windows_in_its_own_slots():
+    """4 rows, 8 windows: each row owns 2 slots. An example goes to the first row with room for its tokens
+    and its windows; a row's windows start at its own first slot, whatever the other rows hold, so the
+    device holding a row holds its audio (af_next_jax/batch.py)."""
+    builder = BatchBuilder(4, 512, 8, MEL_SHAPE, pad_id=0)
     assert builder.try_add(_example(1, 240, [500]))
-    # Row 1 has room for example 2's tokens, but block 0 has one window left: row 2, in block 1.
+    # Row 0 has room for example 2's tokens but only one window slot left: row 1.
     assert builder.try_add(_example(2, 30, [500, 500]))
-    assert not builder.try_add(_example(3, 30, [500, 500]))  # no block has 2 windows left
+    assert builder.try_add(_example(3, 30, [300]))  # row 0: its tokens and one window fit
+    assert not builder.try_add(_example(4, 30, [500, 500, 500]))  # more windows than a row owns
     batch = builder.build()
     batch.pop(STATS_KEY)
     validate_batch(batch, CONFIG)
-    assert [int(ids[1]) for ids in batch["token_ids"]] == [11, 0, 12, 0]
-    np.testing.assert_array_equal(batch["mel_valid_frames"], [500, 0, 500, 500])
-    np.testing.assert_array_equal(batch["mel_windows"][:, 0, 0], [1, 0, 2, 2])
+    assert [int(ids[1]) for ids in batch["token_ids"]] == [11, 12, 0, 0]
+    np.testing.assert_array_equal(batch["mel_valid_frames"], [500, 300, 500, 500, 0, 0, 0, 0])
+    np.testing.assert_array_equal(batch["mel_windows"][:, 0, 0], [1, 3, 2, 2, 0, 0, 0, 0])

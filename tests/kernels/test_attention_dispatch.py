@@ -57,9 +57,9 @@ def test_encoder_like_key_validity_with_a_fully_padded_window_matches_xla():
 
 
 def test_tiny_model_logits_with_pallas_attention_match_xla():
-    # Two real windows and one padding window (num_windows=3): the encoder sees fully masked rows.
+    # Two real windows and two padding windows (num_windows=4): the encoder sees fully masked rows.
     config = tiny()
-    batch = synthetic_batch(config, audio_frames_per_example=[[700], []], seq_len=256, num_windows=3)
+    batch = synthetic_batch(config, audio_frames_per_example=[[700], []], seq_len=256, num_windows=4)
     params = jax.jit(AFNextModel(config).init, compiler_options=FAST_COMPILE)(jax.random.key(0), batch)
     xla = jax.jit(AFNextModel(config).apply, compiler_options=FAST_COMPILE)(params, batch)
     pallas = jax.jit(AFNextModel(config.replace(attention_kernel="pallas")).apply,

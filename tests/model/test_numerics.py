@@ -17,7 +17,7 @@ from af_next_jax.model.synthetic import synthetic_batch
 
 @pytest.fixture(scope="module")
 def batch():
-    return synthetic_batch(tiny(), audio_frames_per_example=[[700], []], seq_len=256, num_windows=3)
+    return synthetic_batch(tiny(), audio_frames_per_example=[[700], []], seq_len=256, num_windows=4)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_scanned_and_unrolled_layers_compute_the_same_function(params, batch):
 def test_padding_windows_and_padding_tokens_leave_valid_logits_unchanged(params, batch):
     """More padding windows and a longer padded row must not change any valid position."""
     config = tiny()
-    wider = synthetic_batch(config, audio_frames_per_example=[[700], []], seq_len=320, num_windows=5)
+    wider = synthetic_batch(config, audio_frames_per_example=[[700], []], seq_len=320, num_windows=6)
     narrow_logits = np.asarray(AFNextModel(config).apply(params, batch))
     wide_logits = np.asarray(AFNextModel(config).apply(params, wider))
     valid = batch["segment_ids"] > 0

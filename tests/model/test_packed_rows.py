@@ -1,7 +1,7 @@
 """Packed rows: several examples in one row give each example the logits it gets alone.
 
 The data pipeline packs examples into rows (af_next_jax/data/packing.py): segment ids 1, 2, ... per
-example, positions restarting at 0, the windows of every audio in row-major `<sound>` order. Here the
+example, positions restarting at 0, each row's windows in its own slots in `<sound>` order. Here the
 pipeline's own `BatchBuilder` packs four examples into two rows, with audio in two examples of row 0
 (one of two windows, one of one) and a text-only example between them. References, per example:
   - our model on that example alone (one row, its own windows): the packed logits must equal them;
@@ -23,7 +23,7 @@ from hf_reference import build_audio_model, transformers_logits
 
 FRAMES = tiny().encoder.mel_frames_per_window  # 500 frames = one window of the tiny config
 SEQ_LEN = 320
-NUM_WINDOWS = 5
+NUM_WINDOWS = 6  # 3 window slots per row
 # Audio frames of each example; packed first fit into two rows: [A, B, C] and [D].
 EXAMPLES = {"A": [FRAMES + 200], "B": [], "C": [260], "D": [FRAMES, 120]}
 EXPECTED_ROWS = (("A", "B", "C"), ("D",))
@@ -81,8 +81,8 @@ def packed(request):
     prepared = {name: single_example(config, frames, seed) for seed, (name, frames) in enumerate(EXAMPLES.items())}
     batch = pack(config, {name: example for name, (example, _, _) in prepared.items()})
     # Audio in two examples of row 0 and in row 1; the RoTE window index restarts with each audio.
-    np.testing.assert_array_equal(batch["mel_valid_frames"], [FRAMES, 200, 260, FRAMES, 120])
-    np.testing.assert_array_equal(batch["window_index"], [0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(batch["mel_valid_frames"], [FRAMES, 200, 260, FRAMES, 120, 0])
+    np.testing.assert_array_equal(batch["window_index"], [0, 1, 0, 0, 0, 0])
     spans = example_spans(batch, {name: length for name, (_, _, length) in prepared.items()})
     apply = jax.jit(AFNextModel(config).apply)
     logits = np.asarray(apply(params, batch))

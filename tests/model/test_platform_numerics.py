@@ -24,7 +24,7 @@ ATTENTION = "_whole_row_backward"  # attention/recompute.py: a custom VJP on eve
 def abstract_batch():
     # "xla" attention: the kernel recompute.py implements; TPU/GPU programs select it when configured.
     batch = synthetic_batch(tiny(attention_kernel="xla"), audio_frames_per_example=[[700], []], seq_len=256,
-                            num_windows=2)
+                            num_windows=4)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
 
 
