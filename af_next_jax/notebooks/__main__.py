@@ -35,7 +35,11 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores, load {load:.1f} at the start, {platform.system()}"
 
 
-def execute(path: str, out: str | None = None, *, quick: bool = False, timeout: int = 3600) -> float:
+# Seconds one cell may run: rote_ablation trains all its runs in one cell (~80 min on one CPU core).
+CELL_TIMEOUT_SECONDS = 4 * 3600
+
+
+def execute(path: str, out: str | None = None, *, quick: bool = False, timeout: int = CELL_TIMEOUT_SECONDS) -> float:
     """Runs the notebook; writes it (with outputs) to `out`; returns the wall time in seconds."""
     import nbclient
     import nbformat
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
     run.add_argument("notebook", help="notebooks/NAME.ipynb")
     run.add_argument("--out", help="where to write the executed notebook (default: in place)")
     run.add_argument("--quick", action="store_true", help=f"a few steps only ({QUICK_VARIABLE}=1); needs --out")
-    run.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    run.add_argument("--timeout", type=int, default=CELL_TIMEOUT_SECONDS, help="seconds per cell")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.notebook):
         parser.error(f"{args.notebook} is not a file; the notebooks are notebooks/*.ipynb")

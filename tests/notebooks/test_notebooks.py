@@ -17,7 +17,8 @@ from af_next_jax.notebooks.__main__ import REPO, execute, main
 
 # Each notebook's markdown tables (their header rows) and the number of figures it draws.
 EXPECTED = {
-    "rote_ablation": (["| split | clips | examples |", "| window of the onset | questions | RoTE accuracy |"], 2),
+    "rote_ablation": (["| split | clips | onset questions |", "| window of the onset | questions | RoTE accuracy |",
+                       "| window of the onset | questions | RoTE: window right |", "| arm | R^2: absolute time |"], 2),
     "sequence_parallelism": (["| setup | tokens L | measured MiB / device |",
                               "| setup | tokens L | HLO MiB / device (by kind) |"], 2),
 }
