@@ -50,18 +50,20 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _describe(holder: dict) -> str:
+def describe(holder: dict) -> str:
     job = ", ".join(f"{k}={v}" for k, v in holder.get("job", {}).items())
     return (f"{holder.get('purpose', 'a writer')} (host {holder.get('host')}, pid {holder.get('pid')}"
             f"{', ' + job if job else ''}, started {holder.get('started')})")
 
 
 class Hold:
-    """`with Hold(path, purpose): ...` holds `path` (a hold file) for the block; see the module docstring."""
+    """`with Hold(path, purpose): ...` holds `path` (a hold file) for the block; see the module docstring.
+    `target` is what the hold protects, as the refusal names it (default: the folder of the hold file)."""
 
     def __init__(self, path: str | os.PathLike, purpose: str, *, stale_seconds: float = STALE_SECONDS,
-                 refresh_seconds: float = REFRESH_SECONDS):
+                 refresh_seconds: float = REFRESH_SECONDS, target: str | os.PathLike | None = None):
         self.path = Path(path)
+        self.target = Path(target) if target is not None else self.path.parent
         self.purpose = purpose
         self.stale_seconds, self.refresh_seconds = stale_seconds, refresh_seconds
         self._stop = threading.Event()
@@ -87,7 +89,7 @@ class Hold:
                 stale = self._stale_reason(holder)
                 if stale is None:
                     raise DirectoryHeld(
-                        f"{self.path.parent} is in use by {_describe(holder)}. Wait for it to finish or stop it; "
+                        f"{self.target} is in use by {describe(holder)}. Wait for it to finish or stop it; "
                         f"a run that died is taken over automatically once its hold ({self.path}) is "
                         f"{int(self.stale_seconds)} s stale. Or use another directory.")
                 with contextlib.suppress(FileNotFoundError):  # only one contender wins this rename
@@ -95,7 +97,7 @@ class Hold:
                     os.rename(self.path, aside)
                     os.unlink(aside)
                     self.took_over = holder
-                    logger.warning("took over %s from %s: %s", self.path.parent, _describe(holder), stale)
+                    logger.warning("took over %s from %s: %s", self.target, describe(holder), stale)
                 continue
             with os.fdopen(descriptor, "w") as handle:
                 json.dump(identity, handle)

@@ -207,3 +207,28 @@ def test_plugins_are_found_as_jax_discovers_them(monkeypatch, tmp_path):
     assert accelerator_plugins({}) == {"libtpu", "xla_rocm7", "xla_cuda12"}
     assert accelerator_plugins({"PJRT_NAMES_AND_LIBRARY_PATHS": f"my_plugin{os.pathsep}/x.so"}) == {
         "libtpu", "xla_rocm7", "xla_cuda12", "my_plugin"}
+
+
+# The generate command (issue 26): a user's run on a CPU host with libtpu installed.
+
+GENERATE_NOISE = re.compile(r"TPU_WORKER_HOSTNAMES|E0000|Failed to find host bounds")
+
+
+def test_generate_prints_no_libtpu_errors_once_jax_has_started_on_a_host_without_a_tpu(tmp_path):
+    """`python -m af_next_jax.generate` as users run it (JAX_PLATFORMS unset) on a converted checkpoint
+    with no tokenizer: it loads the parameters (JAX's backends start) and stops at the tokenizer."""
+    if reason := _no_libtpu_noise_possible():
+        pytest.skip(reason)
+    import numpy as np
+
+    from af_next_jax.config import tiny
+    from af_next_jax.convert import orbax_io
+
+    orbax_io.save_checkpoint(tmp_path, {"params": {"decoder": {"w": np.zeros(3, np.float32)}}}, tiny())
+    env = {name: value for name, value in os.environ.items() if name not in process_setup.PLATFORM_VARIABLES}
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # libtpu prints its errors even while another process holds its lock
+    result = subprocess.run([sys.executable, "-m", "af_next_jax.generate", "--checkpoint", str(tmp_path), "--prompt",
+                             "When does the beep start?"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "error: no tokenizer found for the model" in result.stderr, result.stderr[-3000:]
+    assert not GENERATE_NOISE.search(result.stderr), result.stderr

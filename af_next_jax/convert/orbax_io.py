@@ -11,7 +11,8 @@ Layout of a checkpoint directory CKPT (what `convert from-hf` writes and `to-hf`
                           dtype of `to-hf`) and the source's generation_config.json, if any
 
 Directories are written under a temporary sibling and renamed into place at the end, so a failed
-conversion never leaves a partial CKPT (or HF directory) behind.
+conversion never leaves a partial CKPT (or HF directory) behind. A full disk there (disk_space.py)
+removes the partial directory, keeps the previous one, and raises `DiskFull` naming what was needed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from af_next_jax.config import (DecoderConfig, EncoderConfig, ModelConfig, ProjectorConfig, RoteConfig,
                                 drop_stored_legacy_attention)
 from af_next_jax.convert.errors import BadInputError, config_from_fields
+from af_next_jax.disk_space import DiskFull, disk_full_error, format_bytes, is_disk_full
 
 PARAMS_DIR = "params"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -89,7 +91,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        hold = Hold(out.parent / f".{out.name}.hold", f"a conversion writing {out}")
+        hold = Hold(out.parent / f".{out.name}.hold", f"a conversion writing {out}", target=out)
         hold.acquire()
     except DirectoryHeld as error:
         raise BadInputError(str(error)) from None
@@ -115,6 +117,16 @@ def _staged(out: Path, overwrite: bool):
             shutil.rmtree(old)
         else:
             staging.rename(out)
+    except Exception as error:
+        if isinstance(error, DiskFull) or not is_disk_full(error):
+            raise
+        # The total is not known here (the writer streams it); what was written is a lower bound.
+        written = checkpoint_bytes(staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = f"{out} was left as it was" if out.exists() else f"nothing was written to {out}"
+        raise disk_full_error(out.name, out.parent, f"more than the {format_bytes(written)} written before the "
+                              f"disk filled", f"The partial output was removed and {kept}; free space there and "
+                              f"run the same command again.") from error
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -153,10 +165,24 @@ def export_checkpoint(out: str | os.PathLike, params: dict, config: ModelConfig,
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     multihost.barrier("af_next_export_staging")
-    _save_params(staging, params)
-    multihost.barrier("af_next_export_written")
+    failure = None
+    try:
+        _save_params(staging, params)
+        if primary:
+            _write_metadata(staging, config, conversion)
+    except Exception as error:  # noqa: BLE001 -- only a full disk is handled; anything else re-raised
+        if not is_disk_full(error):
+            raise
+        failure = error
+    if multihost.agree_any(failure is not None):  # every process stops, the previous export untouched
+        if primary:
+            shutil.rmtree(staging, ignore_errors=True)
+        needed = sum(int(np.prod(leaf.shape)) * 4 for leaf in jax.tree.leaves(params))  # written as float32
+        kept = f"the previous {out.name}/ is intact" if out.exists() else f"no {out.name}/ was written"
+        raise disk_full_error(f"the export {out}", out.parent, f"about {format_bytes(needed)}",
+                              f"The partial export was removed and {kept}; every checkpoint is complete, so after "
+                              f"freeing space the same command resumes at the last step and only exports.") from failure
     if primary:
-        _write_metadata(staging, config, conversion)
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         if out.exists():
             out.rename(old)

@@ -110,11 +110,16 @@ def check_beam_args(beam_args: list[str]) -> None:
 
 def _build_shards(args, beam_args: list[str]) -> int:
     from af_next_jax.data.build_shards import build_shards
+    from af_next_jax.disk_space import DiskFull
 
     check_beam_args(beam_args)
     started = time.perf_counter()
-    summary = build_shards(args.manifest, args.out, num_shards=args.num_shards, audio_encoding=args.audio_encoding,
-                           pipeline_args=[f"--runner={args.runner}", *beam_args])
+    try:
+        summary = build_shards(args.manifest, args.out, num_shards=args.num_shards,
+                               audio_encoding=args.audio_encoding, pipeline_args=[f"--runner={args.runner}", *beam_args])
+    except DiskFull as error:  # the partial shard was removed; the message says how much is needed where
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for manifest in summary["manifests"]:
         print(f"{manifest['manifest']} -> {manifest['shards']}: {manifest['examples']} examples, "
               f"{manifest['audio_seconds'] / 3600:.3f} h, {manifest['bytes'] / 1e6:.1f} MB, skipped "

@@ -12,6 +12,10 @@ shards in file order gives the manifest's order, which is why training from them
 manifest's batches. Sorting inside each shard makes the bytes independent of the runner's
 scheduling: the same inputs give byte-identical shards.
 
+A full disk (disk_space.py): the shard being written is removed (shard_format.write_shard writes
+under a temporary name), the complete shards stay (a rerun rewrites them byte for byte), no summary is
+written, and the build stops with `DiskFull` naming the shard, its size and the free space.
+
 Only this module imports apache_beam (installed with the `beam` extra); training never needs it.
 """
 
@@ -21,6 +25,7 @@ import json
 import os
 
 from af_next_jax.config import SAMPLE_RATE
+from af_next_jax.disk_space import DiskFull, disk_full_error, format_bytes, is_disk_full
 from af_next_jax.data.shard_format import DEFAULT_AUDIO_ENCODING, shard_file_name
 
 METRICS_NAMESPACE = "af_next_jax.build_shards"
@@ -110,11 +115,24 @@ def _write_fn(out_dir: str, stems: list[str], num_shards: int):
             (manifest_index, shard), values = keyed
             entries = sorted(value for value in values if value is not None)
             records = [record for _, record, _ in entries]
-            write_shard(os.path.join(out_dir, shard_file_name(stems[manifest_index], shard, num_shards)), records)
+            name = shard_file_name(stems[manifest_index], shard, num_shards)
+            try:
+                write_shard(os.path.join(out_dir, name), records)
+            except Exception as error:
+                if not is_disk_full(error):
+                    raise
+                raise _shard_disk_full(name, out_dir, records) from error
             yield manifest_index, _partial_summary(examples=len(records), bytes=sum(map(len, records)),
                                                    audio_seconds=sum(seconds for _, _, seconds in entries))
 
     return WriteShard()
+
+
+def _shard_disk_full(name: str, out_dir: str, records: list[bytes]) -> DiskFull:
+    # ArrayRecord adds a few bytes per record (chunk headers) to the records themselves.
+    return disk_full_error(f"shard {name}", out_dir, f"about {format_bytes(sum(map(len, records)))} for it",
+                           "The partial shard was removed; the complete ones stay. Free space there and run the "
+                           "same command again.")
 
 
 def _write_summary(summaries, out_dir: str, manifests: tuple[str, ...], stems: list[str], num_shards: int,
@@ -171,11 +189,27 @@ def build_shards(manifests: list[str], out_dir: str, num_shards: int = 1, audio_
          | "PerManifest" >> beam.CombinePerKey(merge_summaries)
          | "AllManifests" >> beam.combiners.ToList()
          | "WriteSummary" >> beam.Map(_write_summary, out_dir, manifests, stems, num_shards, audio_encoding))
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception as error:
+        # Runners re-raise a worker's error wrapped or retyped, with their own text: find ours in it.
+        if not is_disk_full(error):
+            raise
+        raise _first_disk_full(error, out_dir) from error
     summary = json.loads(epath.Path(out_dir, SUMMARY_FILE).read_text())
     summary["beam_counters"] = beam_counters(result)
     return summary
+
+
+def _first_disk_full(error: BaseException, out_dir: str) -> DiskFull:
+    """The worker's own one-line DiskFull message (without the runner's additions) when it is there."""
+    text = str(error)
+    start = text.find("no space left on the filesystem of")
+    if start >= 0:
+        return DiskFull(text[start:].splitlines()[0].split(" [while running")[0])
+    return disk_full_error("the shards", out_dir, "more space", "The partial shard was removed; the complete ones "
+                           "stay. Free space there and run the same command again.")
 
 
 def unknown_beam_options(beam_args: list[str]) -> list[str]:

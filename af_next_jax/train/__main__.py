@@ -14,7 +14,10 @@ devices (af_next_jax/experiment: the message says what to change), or the workdi
 be used (they belong to another experiment, cannot be read, or their data positions do not fit this
 process count: the message says what to do, nothing was moved), or the processes of a row group read
 different data (different flags or files on one host: nothing was trained on it), or another run
-holds the workdir (the message names it; af_next_jax/holder.py); 3 stopped by non-finite losses;
+holds the workdir (the message names it; af_next_jax/holder.py), or a checkpoint or the export could
+not be written for lack of disk space (the message says how much is needed where; the partial write was
+removed and the same command resumes from the last complete step once space is freed); 3 stopped by
+non-finite losses;
 1 any other error.
 """
 
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
 
     from af_next_jax.train.checkpointing import CheckpointIOError, CheckpointMismatchError
     from af_next_jax.experiment import ExperimentError, load_config
+    from af_next_jax.disk_space import DiskFull, is_disk_full
     from af_next_jax.holder import DirectoryHeld
     from af_next_jax.train.host_data import DataShardError, GroupDataMismatch
     from af_next_jax.train.loop import NonFiniteLossError, train
@@ -68,9 +72,18 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 3
     except (CheckpointMismatchError, CheckpointIOError, DataShardError, ExperimentError, GroupDataMismatch,
-            DirectoryHeld) as error:
+            DirectoryHeld, DiskFull) as error:
         logging.getLogger("af_next_jax.train").error("%s", error)
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if not is_disk_full(error):
+            logging.getLogger("af_next_jax.train").exception("training failed")
+            raise
+        # The disk filled under another write (metrics, logs) before a checkpoint save saw it.
+        print(f"error: no space left on the filesystem of {args.workdir} ({type(error).__name__}: "
+              f"{(str(error).splitlines() or [''])[0][:300]}). Free space there and run the same command again: it resumes "
+              f"from the last complete checkpoint.", file=sys.stderr)
         return 2
     except BaseException:
         logging.getLogger("af_next_jax.train").exception("training failed")

@@ -9,6 +9,12 @@ mid-save leaves no step that looks finished. With several processes every proces
 shards of the arrays (orbax multi-host); process 0 writes the metadata and the JSON.
 `keep` bounds how many steps stay on disk (the oldest go first).
 
+A full disk (or quota) during a save (disk_space.py): the partial step (`N.orbax-checkpoint-tmp*`) is
+removed, every complete step stays, and `DiskFull` says which step needed how much where. Saves are
+asynchronous, so the failure surfaces at the next `save`, `wait` or `close`; all processes learn it
+there together (a collective) and stop. Running the same command after freeing space resumes from the
+last complete step.
+
 Restoring walks the steps from newest to oldest and tells three failures apart:
 
   unreadable   a step whose files are truncated, missing or fail their checksum (tensorstore
@@ -31,6 +37,7 @@ that saved them (another device or process count).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +47,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from af_next_jax.disk_space import DiskFull, disk_full_error, format_bytes, is_disk_full
 from af_next_jax.train import multihost
 from af_next_jax.train.host_data import merged_positions
 from af_next_jax.workdir import DATA_ITEM, STATE_ITEM, Workdir
@@ -137,6 +145,7 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler()})
         self._saved = set(self._manager.all_steps())
+        self._state_bytes = 0  # of the last state saved: what a step needs on disk (before compression)
         self._corrupt_dir = Workdir(os.path.dirname(self.directory)).corrupt_checkpoints
 
     def all_steps(self) -> list[int]:
@@ -157,10 +166,45 @@ class Checkpointer:
         states = merged_positions(multihost.allgather_bytes(data_state if data_state is not None else b""))
         iterators = [state.decode() if state else None for state in states]
         data = {"iterator": iterators[0], "iterators": iterators, "processes": jax.process_count()}
-        self._manager.save(step, args=ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)}), force=True)
+        self._state_bytes = sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(state))
+        self._stop_if_disk_full(lambda: self._manager.save(step, args=ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)}), force=True))
         self._saved.add(step)
         return True
+
+    # ---------------------------------------------------------------- a full disk
+
+    def _stop_if_disk_full(self, action) -> None:
+        """Run `action` (a manager call that may report a failed asynchronous save); on a full disk on
+        any process, remove the partial step and raise DiskFull on every process (a collective)."""
+        failure = None
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001 -- only a full disk is handled; anything else re-raised
+            if not is_disk_full(error):
+                raise
+            failure = error
+        if not multihost.agree_any(failure is not None):
+            return
+        partial = self._remove_partial_steps()
+        complete = [int(name) for name in os.listdir(self.directory) if name.isdigit()]
+        self._saved = set(complete)
+        kept = (f"the last complete checkpoint, step {max(complete)}, is intact and a relaunch resumes from it"
+                if complete else "no complete checkpoint was saved yet, so a relaunch starts from step 0")
+        raise disk_full_error(
+            f"checkpoint step {', '.join(map(str, partial)) or '?'}", self.directory,
+            f"about {format_bytes(self._state_bytes)} per step", f"The partial step was removed and {kept}; free "
+            f"space there (or lower --config.keep_checkpoints) and run the same command again.") from failure
+
+    def _remove_partial_steps(self) -> list[int]:
+        """Remove orbax's temporary folders (`N.orbax-checkpoint-tmp*`); their step numbers."""
+        steps = set()
+        for name in os.listdir(self.directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)  # processes may race
+                if name.split(".")[0].isdigit():
+                    steps.add(int(name.split(".")[0]))
+        return sorted(steps)
 
     # ---------------------------------------------------------------- restore
 
@@ -281,10 +325,15 @@ class Checkpointer:
         self._saved.discard(step)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        self._stop_if_disk_full(self._manager.wait_until_finished)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._stop_if_disk_full(self._manager.wait_until_finished)
+        except DiskFull:
+            with contextlib.suppress(Exception):  # the failed save's error again: already reported
+                self._manager.close()
+            raise
         self._manager.close()
 
 

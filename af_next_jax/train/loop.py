@@ -35,6 +35,7 @@ from af_next_jax.train.host_data import (HostBatches, batch_fingerprint, check_g
                                          resolve_shard_count, saved_shard_count)
 from af_next_jax.train.metrics import MetricsWriter
 from af_next_jax.train.preemption import Preemption
+from af_next_jax.holder import describe
 from af_next_jax.train.reporting import StepReporter, setup_logging
 from af_next_jax.train.state import load_initial_params
 from af_next_jax.train.train_step import TrainState
@@ -71,12 +72,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches=None, eval
     With several processes (launch.py), every process calls this with the same arguments.
     """
     run = Workdir(workdir)
-    with run.hold():
-        return _train(run, config, batches, eval_batches_factory)
+    with run.hold() as hold:
+        return _train(run, config, batches, eval_batches_factory, hold)
 
 
-def _train(run: Workdir, config, batches, eval_batches_factory) -> RunResult:
+def _train(run: Workdir, config, batches, eval_batches_factory, hold=None) -> RunResult:
     setup_logging(run)
+    if hold is not None and hold.took_over is not None:  # warned before train.log existed: record it there
+        logger.warning("took over %s from %s (its hold was stale)", run.path, describe(hold.took_over))
     from af_next_jax.train import launch
 
     logger.info("%s", launch.describe(launch.current()))
