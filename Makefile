@@ -38,5 +38,7 @@ run: venv
 	$(VENV)/bin/python -m af_next_jax.convert to-hf --checkpoint workdir/debug/export --out workdir/debug/hf \
 	    --tokenizer-dir demo_data --overwrite --quiet
 
+# Two workers (the budget's 2 cores), each taking whole files so a file's module fixtures are built once;
+# the 20 slowest tests are listed at the end.
 test: venv-test fixtures
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=20 tests

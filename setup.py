@@ -34,7 +34,9 @@ setup(
         "jinja2>=3.1.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.24", "tiktoken>=0.7"],
+        # pytest-xdist: `make test` runs the suite on two workers, file by file (filelock: fixtures they share).
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "filelock>=3.13", "torch==2.13.0", "transformers>=5.24",
+                 "tiktoken>=0.7"],
         # `python -m af_next_jax.data build-shards` (Apache Beam; DirectRunner here, any runner at scale) and
         # `from-hf-dataset` (parquet through pyarrow). Training and inference never import Beam.
         "beam": ["apache-beam>=2.77.0", "pyarrow>=14"],

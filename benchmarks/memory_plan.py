@@ -23,13 +23,13 @@ bf16 = the compute dtype). The peak is persistent + the largest moment.
 1. Forward, at the audio merge (`merge_audio_into_text`, af_next.py):
   embedding table     the token-embedding lookup reads the [V, D] table replicated over fsdp (its
                       rule is (vocab, None)): a whole bf16 copy, V / tensor x D
-  merged audio (x2)   the merge gathers audio rows for every `<sound>` slot of the micro-batch from a
-                      flat [N x 750, D] table; XLA cannot follow the row sharding of either side, so
-                      it replicates the smaller of the two on every device, the audio table
-                      (N x 750 x D) or the merged [B x L, D] result, as a zero-filled buffer holding
-                      this device's part and its all-reduced copy: 2 x min(N x 750, B x L) x D x bf16
+  audio merge         model/audio_merge.py: each device keeps its text slice and its own block of
+                      windows (w x 750 x D, the projector output below); with the windows over the
+                      sequence axes the blocks travel around the sequence group, one more block in
+                      flight; the audio picked for this device's t text positions (t x D)
   encoder residuals   what the remat policy saves of each encoder layer for this device's windows
-                      ("full": the layer input, w x P x 1280), only when the encoder trains (a frozen
+                      ("full", and "save_attention_out", whose name only the decoder sets: the layer
+                      input, w x P x 1280), only when the encoder trains (a frozen
                       encoder is never differentiated)
   encoder front       the convolutions' GELU inputs and outputs (3 at 2P, 2 at P positions per
                       window) when the encoder trains; the projector's hidden state, its GELU and
@@ -43,14 +43,16 @@ bf16 = the compute dtype). The peak is persistent + the largest moment.
                       every projection output (q, k, v, o, gate, up, down: t x (3D + 2 G d + 2F));
                       "none" keeps everything the backward reads (`_decoder_saved_per_token`)
   encoder residuals   as above
+  layer weights       when the decoder trains: one layer's weights gathered in bf16 (x2: the next
+                      layer's prefetched) and its weight gradient whole in f32 before the reduce-scatter
   layer or loss       the larger of one layer's backward working set (its intermediates and the
                       MLP cotangents, `_layer_backward_per_token`) and one loss chunk: [b, C / seq
                       shards, V / tensor] float32 logits, their bf16 cotangent, the bf16 lm_head
-3. Backward, at the audio merge (when the projector trains): the merge's transpose scatter-adds the
-   cotangents into a zeroed copy of the replicated side and all-reduces it (x2, as in 1); the
-   gradients, encoder residuals and front are live, and when the decoder trains, so is the token
-   embedding's gradient: a whole f32 [V, D] table the text cotangents are scatter-added into (its
-   all-reduce and slice to the shard come after the merge's buffers are freed).
+3. Backward, at the audio merge (when the projector trains): the merge's transpose accumulates each
+   window block's cotangent on its way around the ring (two blocks, the t x D cotangent at this
+   device's slots); the gradients, encoder residuals and front are live, and when the decoder trains,
+   so is the token embedding's gradient: a whole f32 [V, D] table the text cotangents are
+   scatter-added into (its all-reduce and slice to the shard come after the merge's buffers are freed).
 """
 
 from __future__ import annotations
@@ -106,13 +108,11 @@ def _encoder_saved_per_position(encoder, policy: str, tensor: int, act: int) -> 
     """Bytes one window position keeps per encoder layer between the forward and the backward pass."""
     width, mlp = encoder.hidden_size, encoder.intermediate_size
     layer_input = width * act
-    if policy == "full":
+    if policy in ("full", "save_attention_out"):  # the encoder names no "attention_out": only its input is kept
         return layer_input
     projections = 4 * width // tensor + width + mlp // tensor + width   # q k v o | fc1 | fc2 (out + in)
     if policy in ("dots", "dots_with_no_batch_dims"):
         return projections * act
-    if policy == "save_attention_out":
-        return layer_input + width // tensor * act
     return layer_input + (projections + 2 * width + mlp // tensor) * act
 
 
@@ -155,14 +155,16 @@ def plan(config, num_devices: int) -> Plan:
     encoder_per_window = positions * _encoder_saved_per_position(encoder, policy, tensor, act)
     encoder_saved = encoder.num_layers * windows * encoder_per_window if "encoder" in trained else 0
 
-    audio_tokens = data.max_windows_per_batch * encoder.tokens_per_window
-    # XLA replicates the smaller side of the merge's gather: the flat audio table or the [B x L] result.
-    merged = min(audio_tokens, data.batch_size * data.seq_len) * decoder.hidden_size * act
+    # The merge (model/audio_merge.py) keeps this device's text slice and its windows' block; with the
+    # windows over the sequence axes a second block is in flight around the sequence group's ring.
+    block = windows * encoder.tokens_per_window * decoder.hidden_size * act
+    ring_blocks = block if experiment.mesh.shard_windows_over_sequence and sequence_shards > 1 else 0
+    at_slots = tokens * decoder.hidden_size * act  # the audio picked for this device's text positions
     embed_table = decoder.vocab_size // tensor * decoder.hidden_size * act
     frontend = windows * (3 * 2 * positions + 2 * positions) * encoder.hidden_size * act if "encoder" in trained else 0
     projector = 3 * windows * encoder.tokens_per_window * decoder.hidden_size * act if "projector" in trained else 0
     forward = {"embedding table, gathered": embed_table,
-               "merged audio, replicated (x2)": 2 * merged,
+               "audio merge: a window block in flight, audio at the text's slots": ring_blocks + at_slots,
                "encoder residuals": encoder_saved,
                "encoder convolutions and projector, kept for their backward": frontend + projector,
                "text embeddings": tokens * decoder.hidden_size * act}
@@ -172,10 +174,18 @@ def plan(config, num_devices: int) -> Plan:
     # The chunk's float32 logits, their bf16 cotangent and the lm_head gathered in bf16.
     loss_chunk = logits + logits // 2 + embed_table
     layer = tokens * _layer_backward_per_token(decoder, tensor, act)
-    # The merge's transpose (the projector trains): a scatter-add into a zeroed copy of the replicated
-    # side, all-reduced, after the decoder's backward, while the encoder still waits for its cotangent.
+    # A trained decoder layer's backward under FSDP: its weights gathered in bf16 (and the next layer's,
+    # prefetched) and its weight gradient whole in f32 until the reduce-scatter.
+    heads_width, kv_width = decoder.num_heads * decoder.head_dim, decoder.num_kv_heads * decoder.head_dim
+    layer_parameters = (2 * decoder.hidden_size * heads_width + 2 * decoder.hidden_size * kv_width
+                        + 3 * decoder.hidden_size * decoder.intermediate_size) // tensor
+    layer_weights = layer_parameters * (2 * act + F32) if "decoder" in trained else 0
+    # The merge's transpose (the projector trains): the cotangent of each window block is accumulated on
+    # its way around the ring (two blocks live), after the decoder's backward, while the encoder still
+    # waits for its cotangent.
     projector_trains = "projector" in trained
-    merge_backward = {"gradients": gradients, "merged audio cotangent, replicated (x2)": 2 * merged,
+    merge_backward = {"gradients": gradients,
+                      "audio merge: block cotangents (x2), cotangent at the text's slots": 2 * block + at_slots,
                       "encoder residuals": encoder_saved,
                       "encoder convolutions and projector, kept for their backward": frontend + projector,
                       "text embeddings cotangent": tokens * decoder.hidden_size * act,
@@ -188,6 +198,7 @@ def plan(config, num_devices: int) -> Plan:
                 "decoder residuals": decoder.num_layers * tokens * _decoder_saved_per_token(decoder, policy, tensor,
                                                                                             act),
                 "encoder residuals": encoder_saved,
-                "max(one layer's backward, loss chunk)": max(layer, loss_chunk)}
+                "max(one layer's backward, loss chunk)": max(layer, loss_chunk),
+                "one decoder layer's weights gathered (x2) and its f32 weight gradient": layer_weights}
     return Plan(persistent, {"forward: the audio merge": forward, "backward: the decoder's last layer": backward,
                              "backward: the audio merge": merge_backward})

@@ -27,12 +27,35 @@ def demo_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def debug_run(demo_data, tmp_path_factory):
+def debug_run(tmp_path_factory):
     """{workdir, demo_data, cache_dir}: the `make run` experiment trained for debug_run.TOTAL_STEPS steps
-    (once per session; its compilation cache is shared with the runs that resume from it)."""
-    from debug_run import train_debug_run
+    (once per session, shared by the pytest-xdist workers; its compilation cache is shared with the runs
+    that resume from it). Tests copy from it and never write into it."""
+    from debug_run import make_demo_data, train_debug_run
 
-    root = tmp_path_factory.mktemp("debug_run")
-    cache_dir = str(root / "compilation_cache")
-    return dict(workdir=train_debug_run(str(root / "workdir"), demo_data, cache_dir), demo_data=demo_data,
-                cache_dir=cache_dir)
+    def build(root):
+        demo = make_demo_data(str(root / "demo_data"))
+        cache_dir = str(root / "compilation_cache")
+        return dict(workdir=train_debug_run(str(root / "workdir"), demo, cache_dir), demo_data=demo,
+                    cache_dir=cache_dir)
+
+    return once_per_session(tmp_path_factory, "debug_run", build)
+
+
+def once_per_session(tmp_path_factory, name: str, build):
+    """build(root) once per test session, under pytest-xdist too: the first worker to get here builds it in
+    the session's shared temporary folder, holding a lock; the others wait and read what it returned (json)."""
+    import json
+
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent / name        # the folder above the workers' own ones
+    with FileLock(str(shared) + ".lock"):
+        result_file = shared / "result.json"
+        if not result_file.exists():
+            shared.mkdir(exist_ok=True)
+            result = build(shared)
+            result_file.write_text(json.dumps(result))
+        return json.loads(result_file.read_text())

