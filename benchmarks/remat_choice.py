@@ -35,14 +35,16 @@ def flops_ratio(record: dict) -> str:
 def section(cache: dict, experiments: list[str], allocated) -> str:
     """Per stage: the replicated merge's figures, then every candidate compiled with the sharded merge
     (the chosen one, the experiment's own settings, in bold)."""
-    lines = ["## Remat and micro-batch, chosen from the compiler", "", __doc__.split("\n\n", 2)[2].replace(
-        "\n", " ").strip(), "",
-        "| experiment | audio merge | remat | micro-batches | XLA live peak | allocated | "
+    lines = ["## Remat and micro-batch, chosen from the compiler", "",
+             "Each candidate is compiled with `python benchmarks/scaling.py --recompile NAME --set KEY=VALUE ...`, "
+             "which " + __doc__.split("\n\n", 2)[2].replace("\n", " ").strip(), "",
+        "| experiment | audio merge | remat | micro-batches x rows | XLA live peak | allocated | "
         f"fits with {SPARE:.0%} spare | HLO / analytic FLOPs |", "|---|---|---|---:|---:|---:|---|---:|"]
     for name in experiments:
         before = cache.get("before_merge", {}).get(name)
         if before:
-            lines.append(f"| {name} | replicated (before) | {before['remat_policy']} | {before['grad_accum_steps']} | "
+            lines.append(f"| {name} | replicated (before) | {before['remat_policy']} | "
+                         f"{before['grad_accum_steps']} x {before['batch_size']} | "
                          f"{_gib(before['train']['peak_memory_in_bytes'])} | {_gib(allocated(before['train']))} | "
                          f"{'yes' if fits_with_spare(before, allocated) else 'no'} | - |")
         records = [(key, record) for key, record in cache.get("candidates", {}).items() if key.split()[0] == name]
@@ -52,7 +54,8 @@ def section(cache: dict, experiments: list[str], allocated) -> str:
         records.sort(key=lambda item: (COST_ORDER.index(item[1]["remat_policy"]), item[1]["grad_accum_steps"]))
         for key, record in records:
             mark = "**" if key == name else ""
-            lines.append(f"| {name} | sharded | {mark}{record['remat_policy']}{mark} | {record['grad_accum_steps']} | "
+            lines.append(f"| {name} | sharded | {mark}{record['remat_policy']}{mark} | "
+                         f"{record['grad_accum_steps']} x {record['batch_size']} | "
                          f"{_gib(record['train']['peak_memory_in_bytes'])} | {_gib(allocated(record['train']))} | "
                          f"{'yes' if fits_with_spare(record, allocated) else '**no**'} | {flops_ratio(record)} |")
     return "\n".join(lines)
