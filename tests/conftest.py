@@ -30,7 +30,7 @@ def demo_data(tmp_path_factory):
 def debug_run(tmp_path_factory):
     """{workdir, demo_data, cache_dir}: the `make run` experiment trained for debug_run.TOTAL_STEPS steps
     (once per session, shared by the pytest-xdist workers; its compilation cache is shared with the runs
-    that resume from it). Tests copy from it and never write into it."""
+    that resume from it). Tests copy from its workdir and never write into it."""
     from debug_run import make_demo_data, train_debug_run
 
     def build(root):
