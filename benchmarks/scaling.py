@@ -135,13 +135,9 @@ def hlo_path(hlo_dir: str, key: str) -> str:
 def analytic_matmul_flops(config, devices: int) -> float:
     """The analytic FLOPs of one train step per chip without the attention cores (they run in kernels the
     HLO cannot see): what the HLO's matmul FLOPs are compared with."""
-    from af_next_jax.train.flops import train_step_flops
+    from af_next_jax.experiment.program import step_flops
 
-    settings = experiment.experiment_from(config)
-    return config.grad_accum_steps * train_step_flops(
-        settings.model, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
-        num_windows=config.data.max_windows_per_batch,
-        trained_groups=settings.trainer.trained_groups, attention=False) / devices
+    return step_flops(experiment.experiment_from(config), attention=False) / devices
 
 
 def recount(cache: dict, hlo_dir: str) -> None:

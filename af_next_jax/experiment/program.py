@@ -221,12 +221,19 @@ def build_program(experiment: Experiment, devices=None, *, abstract: bool | None
         eval_step = jax.jit(make_eval_step(model, loss_chunk_length=trainer.loss_chunk_length),
                             in_shardings=(shardings, micro_shardings))
 
-    flops = trainer.grad_accum_steps * train_step_flops(
-        model_config, batch_size=data.batch_size, seq_len=data.seq_len, num_windows=data.max_windows_per_batch,
-        trained_groups=trainer.trained_groups)
+    flops = step_flops(experiment, model_config)
     return Program(experiment, platform, abstract, mesh, rules, model, labels, optimizer, schedule, abstract_params,
                    shardings, state_shardings, micro_batch, step_batch, train_step, eval_step, flops, replicated,
                    feeding)
+
+
+def step_flops(experiment: Experiment, model_config=None, *, attention: bool = True) -> float:
+    """Analytic FLOPs of one train step, whole mesh (train/flops.py); `attention=False` leaves out the
+    attention cores (what a compiled HLO shows when they run as kernels)."""
+    data, trainer = experiment.data, experiment.trainer
+    return trainer.grad_accum_steps * train_step_flops(
+        model_config or experiment.model, batch_size=data.batch_size, seq_len=data.seq_len,
+        num_windows=data.max_windows_per_batch, trained_groups=trainer.trained_groups, attention=attention)
 
 
 def _optimizer_state_shardings(abstract_opt_state, shardings, replicated):
