@@ -39,8 +39,8 @@ def _source_is_earlier(rank, step, ring_degree):
     return (rank - step) % ring_degree < rank
 
 
-def _ring_step_forward(block_kernel, step, rank, ring_degree, causal, query, key, value, seg_q, seg_kv):
-    """(out [B, L, H, D], lse [B, H, L]) of local queries against the K/V block held at `step`."""
+def _own_block_forward(block_kernel, causal, query, key, value, seg_q, seg_kv):
+    """(out [B, L, H, D], lse [B, H, L]) of local queries against this rank's own K/V block (step 0)."""
     def full(q, k, v, sq, skv, is_causal=False):
         return block_kernel.forward(q, k, v, causal=is_causal, segment_ids_q_BxL=sq, segment_ids_kv_BxS=skv)
 
@@ -51,10 +51,23 @@ def _ring_step_forward(block_kernel, step, rank, ring_degree, causal, query, key
     v_e, v_l = _halves(value)
     sq_e, sq_l = _halves(seg_q)
     skv_e, skv_l = _halves(seg_kv)
-    if step == 0:
-        out_e, lse_e = full(q_e, k_e, v_e, sq_e, skv_e, True)
-        out_l, lse_l = merge_partials(*full(q_l, k_e, v_e, sq_l, skv_e), *full(q_l, k_l, v_l, sq_l, skv_l, True))
-        return jnp.concatenate([out_e, out_l], axis=1), jnp.concatenate([lse_e, lse_l], axis=2)
+    out_e, lse_e = full(q_e, k_e, v_e, sq_e, skv_e, True)
+    out_l, lse_l = merge_partials(*full(q_l, k_e, v_e, sq_l, skv_e), *full(q_l, k_l, v_l, sq_l, skv_l, True))
+    return jnp.concatenate([out_e, out_l], axis=1), jnp.concatenate([lse_e, lse_l], axis=2)
+
+
+def _ring_step_forward(block_kernel, step, rank, ring_degree, causal, query, key, value, seg_q, seg_kv):
+    """(out [B, L, H, D], lse [B, H, L]) of local queries against the K/V block held at `step` >= 1 (traced)."""
+    def full(q, k, v, sq, skv):
+        return block_kernel.forward(q, k, v, causal=False, segment_ids_q_BxL=sq, segment_ids_kv_BxS=skv)
+
+    if not causal:
+        return full(query, key, value, seg_q, seg_kv)
+    q_e, q_l = _halves(query)
+    k_e, _ = _halves(key)
+    v_e, _ = _halves(value)
+    _, sq_l = _halves(seg_q)
+    skv_e, _ = _halves(seg_kv)
 
     def from_earlier_rank():
         return full(query, k_e, v_e, seg_q, skv_e)
@@ -67,9 +80,8 @@ def _ring_step_forward(block_kernel, step, rank, ring_degree, causal, query, key
     return jax.lax.cond(_source_is_earlier(rank, step, ring_degree), from_earlier_rank, from_later_rank)
 
 
-def _ring_step_backward(block_kernel, step, rank, ring_degree, causal, query, key, value, seg_q, seg_kv, dout, lse,
-                        delta):
-    """(dq, dk, dv) float32 of local queries against the K/V block held at `step`."""
+def _own_block_backward(block_kernel, causal, query, key, value, seg_q, seg_kv, dout, lse, delta):
+    """(dq, dk, dv) float32 of local queries against this rank's own K/V block (step 0)."""
     def full(q, k, v, sq, skv, do, l, d, is_causal=False):
         return block_kernel.backward(q, k, v, do, l, d, causal=is_causal, segment_ids_q_BxL=sq, segment_ids_kv_BxS=skv)
 
@@ -83,13 +95,30 @@ def _ring_step_backward(block_kernel, step, rank, ring_degree, causal, query, ke
     do_e, do_l = _halves(dout)
     lse_e, lse_l = _halves(lse, axis=2)
     delta_e, delta_l = _halves(delta, axis=2)
-    if step == 0:
-        dq_ee, dk_ee, dv_ee = full(q_e, k_e, v_e, sq_e, skv_e, do_e, lse_e, delta_e, True)
-        dq_le, dk_le, dv_le = full(q_l, k_e, v_e, sq_l, skv_e, do_l, lse_l, delta_l)
-        dq_ll, dk_ll, dv_ll = full(q_l, k_l, v_l, sq_l, skv_l, do_l, lse_l, delta_l, True)
-        return (jnp.concatenate([dq_ee, dq_le + dq_ll], axis=1),
-                jnp.concatenate([dk_ee + dk_le, dk_ll], axis=1),
-                jnp.concatenate([dv_ee + dv_le, dv_ll], axis=1))
+    dq_ee, dk_ee, dv_ee = full(q_e, k_e, v_e, sq_e, skv_e, do_e, lse_e, delta_e, True)
+    dq_le, dk_le, dv_le = full(q_l, k_e, v_e, sq_l, skv_e, do_l, lse_l, delta_l)
+    dq_ll, dk_ll, dv_ll = full(q_l, k_l, v_l, sq_l, skv_l, do_l, lse_l, delta_l, True)
+    return (jnp.concatenate([dq_ee, dq_le + dq_ll], axis=1),
+            jnp.concatenate([dk_ee + dk_le, dk_ll], axis=1),
+            jnp.concatenate([dv_ee + dv_le, dv_ll], axis=1))
+
+
+def _ring_step_backward(block_kernel, step, rank, ring_degree, causal, query, key, value, seg_q, seg_kv, dout, lse,
+                        delta):
+    """(dq, dk, dv) float32 of local queries against the K/V block held at `step` >= 1 (traced)."""
+    def full(q, k, v, sq, skv, do, l, d):
+        return block_kernel.backward(q, k, v, do, l, d, causal=False, segment_ids_q_BxL=sq, segment_ids_kv_BxS=skv)
+
+    if not causal:
+        return full(query, key, value, seg_q, seg_kv, dout, lse, delta)
+    _, q_l = _halves(query)
+    k_e, _ = _halves(key)
+    v_e, _ = _halves(value)
+    _, sq_l = _halves(seg_q)
+    skv_e, _ = _halves(seg_kv)
+    _, do_l = _halves(dout)
+    _, lse_l = _halves(lse, axis=2)
+    _, delta_l = _halves(delta, axis=2)
 
     def from_earlier_rank():
         dq, dk_e, dv_e = full(query, k_e, v_e, seg_q, skv_e, dout, lse, delta)
@@ -109,17 +138,26 @@ def _shift(x, axis_name, ring_degree):
 
 def _ring_forward_pass(axis_name, ring_degree, causal, block_kernel, query, key, value, seg_q, seg_kv):
     rank = jax.lax.axis_index(axis_name)
-    out, lse = None, None
     held = (key, value, seg_kv)
-    # Unrolled on purpose: R is small and static, and every ppermute stays visible to XLA's scheduler
-    # (and to the communication count in benchmarks/sequence_parallel_comm.py).
-    for step in range(ring_degree):
-        incoming = _shift(held, axis_name, ring_degree) if step < ring_degree - 1 else None
-        out_step, lse_step = _ring_step_forward(block_kernel, step, rank, ring_degree, causal, query,
-                                                 *held[:2], seg_q, held[2])
-        out, lse = (out_step, lse_step) if out is None else merge_partials(out, lse, out_step, lse_step)
-        held = incoming
-    return out, lse
+    incoming = _shift(held, axis_name, ring_degree) if ring_degree > 1 else held
+    out, lse = _own_block_forward(block_kernel, causal, query, *held[:2], seg_q, held[2])
+
+    def visit(step, carry, send=True):  # while block `step` is attended to, block `step + 1` is on its way
+        held, out, lse = carry
+        incoming = _shift(held, axis_name, ring_degree) if send else held
+        out_step, lse_step = _ring_step_forward(block_kernel, step, rank, ring_degree, causal, query, *held[:2],
+                                                seg_q, held[2])
+        return (incoming, *merge_partials(out, lse, out_step, lse_step))
+
+    # Steps 1 .. R-2 as a loop, not unrolled, so their buffers are reused and memory stays flat as the ring
+    # grows; the last step is peeled off because it sends nothing. A while loop (the array bound), not a
+    # scan: under a remat policy jax splits a scan and keeps values of every step, stacked.
+    carry = (incoming, out, lse)
+    if ring_degree > 2:
+        carry = jax.lax.fori_loop(1, jnp.int32(ring_degree - 1), visit, carry)
+    if ring_degree > 1:
+        carry = visit(ring_degree - 1, carry, send=False)
+    return carry[1:]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -139,23 +177,32 @@ def _ring_fwd(axis_name, ring_degree, causal, block_kernel, query, key, value, s
 
 def _ring_bwd(axis_name, ring_degree, causal, block_kernel, residuals, dout):
     query, key, value, seg_q, seg_kv, out, lse = residuals
-    # This K/V tour repeats the forward's shifts exactly; when forward and backward share a jit XLA
-    # CSEs them (R-1 fewer shifts) and keeps the R-1 received blocks alive instead. With GQA those are
-    # small: an optimization_barrier forcing the resend left the measured temp memory unchanged
-    # (benchmarks/sequence_parallel_memory.py), so the cheaper communication is kept.
+    # This K/V tour repeats the forward's shifts. Both tours are loops, so XLA cannot merge them and keep
+    # the R-1 received blocks alive between the passes (the unrolled version let it: fewer shifts, memory
+    # growing with R); the blocks are sent again.
     rank = jax.lax.axis_index(axis_name)
     delta = attention_delta(out, dout)
-    dquery = jnp.zeros(query.shape, jnp.float32)
-    dkey, dvalue = jnp.zeros(key.shape, jnp.float32), jnp.zeros(value.shape, jnp.float32)
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
     held = (key, value, seg_kv)
-    for step in range(ring_degree):
-        incoming = _shift(held, axis_name, ring_degree) if step < ring_degree - 1 else None
-        dq_step, dk_step, dv_step = _ring_step_backward(block_kernel, step, rank, ring_degree, causal, query,
-                                                        *held[:2], seg_q, held[2], dout, lse, delta)
-        dquery = dquery + dq_step
-        # The dK/dV accumulators belong to the held block: they travel with it, R hops bring them home.
-        dkey, dvalue = _shift((dkey + dk_step, dvalue + dv_step), axis_name, ring_degree)
-        held = incoming
+    incoming = _shift(held, axis_name, ring_degree) if ring_degree > 1 else held
+    dq, dk, dv = _own_block_backward(block_kernel, causal, query, *held[:2], seg_q, held[2], dout, lse, delta)
+    # The dK/dV accumulators belong to the held block: they travel with it, R hops bring them home.
+    dquery = zeros(query) + dq
+    dkey, dvalue = _shift((zeros(key) + dk, zeros(value) + dv), axis_name, ring_degree)
+
+    def visit(step, carry, send=True):
+        held, dquery, dkey, dvalue = carry
+        incoming = _shift(held, axis_name, ring_degree) if send else held
+        dq, dk, dv = _ring_step_backward(block_kernel, step, rank, ring_degree, causal, query, *held[:2], seg_q,
+                                         held[2], dout, lse, delta)
+        return (incoming, dquery + dq, *_shift((dkey + dk, dvalue + dv), axis_name, ring_degree))
+
+    carry = (incoming, dquery, dkey, dvalue)
+    if ring_degree > 2:
+        carry = jax.lax.fori_loop(1, jnp.int32(ring_degree - 1), visit, carry)  # a while loop, as above
+    if ring_degree > 1:
+        carry = visit(ring_degree - 1, carry, send=False)
+    _, dquery, dkey, dvalue = carry
     return dquery.astype(query.dtype), dkey.astype(key.dtype), dvalue.astype(value.dtype), None, None
 
 

@@ -10,7 +10,8 @@ weight of its caller. Counted per device:
                     convolutions: output elements x the kernel's input features x the window positions
                     that meet the input; strides and dilations are taken as 1)
   collective_bytes  {kind: bytes of results} of every collective, per step (loop bodies x trip count;
-                    an async start counts its result, not the operand it also returns)
+                    an async start counts its result, not the operand it also returns; a collective
+                    whose groups hold one device each moves nothing and is not counted)
 
 Not seen: work inside custom calls (Pallas kernels: the flash / ring attention cores on TPU and GPU)
 and elementwise work. Loops whose trip count cannot be read count once and are listed in `unknown_loops`.
@@ -35,6 +36,9 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _CONDITION = re.compile(r"condition=%?([\w.\-]+)")
 _BODY = re.compile(r"body=%?([\w.\-]+)")
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[(?P<sizes>[^\]]*)\]\s*\{(?P<axes>[^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
+_LISTED_GROUPS = re.compile(r"replica_groups=\{\{([^}]*)\}")
 
 
 @dataclasses.dataclass
@@ -62,6 +66,20 @@ def _result_bytes(shape: str, started: bool) -> int:
         dtype, dims = arrays[1]
         return math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
     return _array_bytes(shape)
+
+
+def _group_size(attributes: str) -> int | None:
+    """Devices in each group of a collective, from its replica_groups in any of XLA's three spellings
+    (mesh axes, iota, listed); None when it names none (all devices)."""
+    mesh = _MESH_GROUPS.search(attributes)
+    if mesh:
+        sizes = {name.strip("'"): int(size) for name, size in re.findall(r"('[^']*')=(\d+)", mesh.group("sizes"))}
+        return math.prod(sizes.get(axis.strip().strip("'"), 1) for axis in mesh.group("axes").split(",") if axis.strip())
+    iota = _IOTA_GROUPS.search(attributes)
+    if iota:
+        return int(iota.group(1))
+    listed = _LISTED_GROUPS.search(attributes)
+    return len(listed.group(1).split(",")) if listed else None
 
 
 @dataclasses.dataclass
@@ -167,6 +185,6 @@ def count(hlo_text: str) -> HloCounts:
             if op in ("dot", "convolution"):
                 flops += times * _matmul_flops(computation, line)
             kind = op[:-len("-start")] if op.endswith("-start") else op
-            if kind in COLLECTIVES:
+            if kind in COLLECTIVES and _group_size(line.group("attributes")) != 1:  # a group of one moves nothing
                 collectives[kind] += times * _result_bytes(line.group("shape"), started=op != kind)
     return HloCounts(flops, dict(collectives), unknown)

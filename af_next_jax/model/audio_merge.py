@@ -151,14 +151,21 @@ def _ring_gather(block_MxD, owner_bxl, position_bxl, axes, ring: int, block_rows
 def _ring_gather_forward(block_MxD, owner_bxl, position_bxl, axes, ring, block_rows):
     del block_rows
     index = jax.lax.axis_index(axes) if axes else 0
-    out_bxlxD = jnp.zeros(owner_bxl.shape + block_MxD.shape[1:], block_MxD.dtype)
-    for hop in range(ring):  # at hop h this device holds the block of device (index - h)
-        holder = (index - hop) % ring
+
+    def pick(hop, block_MxD, out_bxlxD):  # at hop h this device holds the block of device (index - h)
         picked_bxlxD = jnp.take(block_MxD, position_bxl, axis=0, mode="clip")
-        out_bxlxD = jnp.where((owner_bxl == holder)[..., None], picked_bxlxD, out_bxlxD)
-        if hop + 1 < ring:
-            block_MxD = _step(axes, ring)(block_MxD)
-    return out_bxlxD, (owner_bxl, position_bxl)
+        return jnp.where((owner_bxl == (index - hop) % ring)[..., None], picked_bxlxD, out_bxlxD)
+
+    # A loop, not unrolled: one block in flight, whatever the ring's length. A while loop (the array bound),
+    # not a scan: under a remat policy jax splits a scan and keeps values of every step, stacked.
+    def hop(hop, carry):
+        block_MxD, out_bxlxD = carry
+        return _step(axes, ring)(block_MxD), pick(hop, block_MxD, out_bxlxD)
+
+    out_bxlxD = jnp.zeros(owner_bxl.shape + block_MxD.shape[1:], block_MxD.dtype)
+    if ring > 1:
+        block_MxD, out_bxlxD = jax.lax.fori_loop(0, jnp.int32(ring - 1), hop, (block_MxD, out_bxlxD))
+    return pick(ring - 1, block_MxD, out_bxlxD), (owner_bxl, position_bxl)
 
 
 def _ring_gather_backward(axes, ring, block_rows, residuals, dout_bxlxD):
@@ -167,13 +174,14 @@ def _ring_gather_backward(axes, ring, block_rows, residuals, dout_bxlxD):
     # An accumulator per block travels the forward's way: at hop h this device adds what its positions
     # took from block (index - h); after the full circle each accumulator is back at its block's device.
     width = dout_bxlxD.shape[-1]
-    accumulator_MxD = jnp.zeros((block_rows, width), dout_bxlxD.dtype)
-    for hop in range(ring):
-        holder = (index - hop) % ring
-        mine_bxlxD = jnp.where((owner_bxl == holder)[..., None], dout_bxlxD, 0)
+
+    def hop(hop, accumulator_MxD):
+        mine_bxlxD = jnp.where((owner_bxl == (index - hop) % ring)[..., None], dout_bxlxD, 0)
         accumulator_MxD = accumulator_MxD.at[position_bxl.reshape(-1)].add(
             mine_bxlxD.reshape(-1, width), mode="drop")
-        accumulator_MxD = _step(axes, ring)(accumulator_MxD) if ring > 1 else accumulator_MxD
+        return _step(axes, ring)(accumulator_MxD) if ring > 1 else accumulator_MxD
+
+    accumulator_MxD = jax.lax.fori_loop(0, jnp.int32(ring), hop, jnp.zeros((block_rows, width), dout_bxlxD.dtype))
     return accumulator_MxD, None, None
 
 

@@ -13,7 +13,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts):
            all-to-all, all-gather, all-reduce, reduce-scatter) in the per-device HLO of attention's
            forward + backward, next to `analytic_bytes`, the volume the algorithms should move. Each
            collective counts its *result* buffer (for an all-to-all the wire traffic is (P-1)/P of
-           it). The ring loop is unrolled in attention/ring.py, so no collective hides in a while loop.
+           it). The ring's steps are a loop (attention/ring.py): every collective is counted as many
+           times as one run executes it (af_next_jax/compile/hlo_counts.py, loops by trip count).
 
 benchmarks/sequence_parallel_memory.py and benchmarks/sequence_parallel_comm.py print the tables of
 docs/PERFORMANCE.md from these; notebooks/sequence_parallelism.ipynb sweeps them over the length.
@@ -21,13 +22,13 @@ docs/PERFORMANCE.md from these; notebooks/sequence_parallelism.ipynb sweeps them
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from af_next_jax.attention.block_kernels import select_block_kernel
+from af_next_jax.compile import hlo_counts
+from af_next_jax.compile.report import COLLECTIVES
 from af_next_jax.attention.sequence_parallel import local_flash_attention, sequence_parallel_attention
 from af_next_jax.parallel.mesh import SEQUENCE_AXES, MeshConfig, kv_replication, make_mesh
 
@@ -37,8 +38,6 @@ SETUPS = {"ring": MeshConfig(data=1, fsdp=1, ring=8), "ulysses": MeshConfig(data
 # The measured decoder layer's widths.
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP = 256, 8, 2, 32, 512
 
-COLLECTIVES = ("collective-permute", "all-to-all", "all-gather", "all-reduce", "reduce-scatter")
-DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
 
 
 def layer_params():
@@ -87,39 +86,19 @@ def sequence_parallel_temp_bytes(implementation: str, mesh_config: MeshConfig, t
         return temp_bytes(attention, total_tokens, mesh)
 
 
-def _shape_bytes(type_text: str) -> int:
-    total = 0
-    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", type_text):
-        if dtype in DTYPE_BYTES:
-            size = 1
-            for dim in filter(None, dims.split(",")):
-                size *= int(dim)
-            total += size * DTYPE_BYTES[dtype]
-    return total
-
-
 def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Result bytes of each collective kind in an HLO module (async *-start ops counted once)."""
-    totals = dict.fromkeys(COLLECTIVES, 0)
-    for line in hlo_text.splitlines():
-        match = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (.+?) ([\w\-]+)\(", line)
-        if not match:
-            continue
-        type_text, op = match.groups()
-        kind = op[:-len("-start")] if op.endswith("-start") else op
-        if kind in totals and not op.endswith("-done"):
-            if op.endswith("-start"):  # (operands, results, ...) tuple: take the results half
-                type_text = type_text.split("}, ", 1)[-1] if "}, " in type_text else type_text
-            totals[kind] += _shape_bytes(type_text)
-    return totals
+    """Result bytes of each collective kind in one run of an HLO module (loop bodies x trip count)."""
+    counted = hlo_counts.count(hlo_text).collective_bytes
+    return {kind: int(counted.get(kind, 0)) for kind in COLLECTIVES}
 
 
 def analytic_bytes(implementation, mesh_config, batch, length, heads, kv_heads, head_dim, itemsize=4):
     """Per-device result bytes of the collectives of one forward + backward.
 
-    Ring over R with n = L/R local tokens: R-1 shifts of (K, V, kv segment ids) and R shifts of the
-    float32 (dK, dV) accumulators. The backward's K/V tour repeats the forward's exactly and XLA CSEs
-    it when both are in one jit (as in a train step); across a remat boundary it would run twice.
+    Ring over R with n = L/R local tokens: R-1 shifts of (K, V, kv segment ids) in the forward, R-2
+    more in the backward (its K/V tour repeats the forward's: the first shift, of the rank's own block,
+    is the same operation in both and XLA merges the two; the later ones run in loops and are sent
+    again) and R shifts of the float32 (dK, dV) accumulators.
     Ulysses over U: four all-to-alls each way (Q, K, V in, O out; dO in, dQ, dK, dV out), each the
     size of the local tensor, K/V with replicated heads; plus two all-gathers of segment ids.
     Hybrid: Ulysses on L/(R U) local tokens, then the ring on L/R tokens with H/U heads.
@@ -137,7 +116,7 @@ def analytic_bytes(implementation, mesh_config, batch, length, heads, kv_heads, 
         kv_block = 2 * batch * ring_tokens * (kv_heads_after // ulysses) * head_dim * itemsize
         segments = batch * ring_tokens * 4
         grad_block = 2 * batch * ring_tokens * (kv_heads_after // ulysses) * head_dim * 4
-        total += (ring - 1) * (kv_block + segments) + ring * grad_block
+        total += (2 * ring - 3) * (kv_block + segments) + ring * grad_block
     return total
 
 

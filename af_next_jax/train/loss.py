@@ -10,6 +10,14 @@ Chunks take *strided* tokens (chunk j holds positions j, j + n, j + 2n, ...): th
 may be sharded over devices (sequence parallelism), and a strided chunk is spread over every shard
 so each device works on its own tokens in every chunk (a contiguous chunk would live on one
 device). The loss is a sum over tokens, so the order does not matter.
+
+Under sequence parallelism the lm_head is sharded on its hidden dimension over the same devices that
+hold the chunk's tokens. Left to itself XLA then builds a collective matmul per chunk that rotates
+float32 logit blocks around the whole sequence group, so the bytes each chip moves grow with the
+group (docs/SCALING.md, "Sequence parallelism"). So the lm_head is gathered once, in `compute_dtype`,
+before the chunks (one [D, V] copy per chip, whatever the chip count), and every chunk's hidden states
+and logits are pinned to the tokens' own batch and sequence shards: each chip computes the logits of
+its own tokens only, and the backward reduces one lm_head gradient at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from af_next_jax.model import axes
+from af_next_jax.model.axes import constrain
 from af_next_jax.model.contract import contract
 from af_next_jax.model.numerics import Numerics
 
@@ -47,7 +57,7 @@ def chunked_cross_entropy(hidden_BxLxD, lm_head_DxV, target_ids_BxL, loss_mask_B
     batch, length, width = hidden_BxLxD.shape
     tokens_per_chunk = largest_divisor_at_most(length, chunk_length)
     num_chunks = length // tokens_per_chunk
-    lm_head_DxV = lm_head_DxV.astype(compute_dtype)
+    lm_head_DxV = constrain(lm_head_DxV.astype(compute_dtype), (None, axes.ACT_VOCAB))
 
     def strided(x_BxL_):  # [B, L, ...] -> [n, B, L / n, ...]; chunk j holds positions j, j + n, ...
         x = x_BxL_.reshape((batch, tokens_per_chunk, num_chunks) + x_BxL_.shape[2:])
@@ -55,8 +65,10 @@ def chunked_cross_entropy(hidden_BxLxD, lm_head_DxV, target_ids_BxL, loss_mask_B
 
     @jax.checkpoint
     def chunk_sums(hidden_BxCxD, target_BxC, mask_BxC):
+        hidden_BxCxD = constrain(hidden_BxCxD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
         logits_BxCxV = contract(hidden_BxCxD.astype(compute_dtype), lm_head_DxV, preferred_element_type=jnp.float32,
                                 numerics=numerics)
+        logits_BxCxV = constrain(logits_BxCxV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
         log_normaliser_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
         target_logit_BxC = jnp.take_along_axis(logits_BxCxV, target_BxC[..., None], axis=-1)[..., 0]
         loss = jnp.sum((log_normaliser_BxC - target_logit_BxC) * mask_BxC)

@@ -77,3 +77,24 @@ ENTRY %main (x: s32[]) -> (s32[]) {
     counts = hlo_counts.count(text)
     assert counts.matmul_flops == (1 + 5) * 2 * 4 * 2 * 8 and counts.unknown_loops == ["w"]
     assert counts.collective_bytes == {"collective-permute": (1 + 5) * 4 * 8 * 4}  # the result, not the operand too
+
+
+def test_a_collective_over_groups_of_one_device_moves_nothing():
+    """XLA:CPU keeps shard_map's psum over size-1 mesh axes as an all-reduce over groups of one: it moves no
+    byte, so it is not counted; the same all-reduce over a group of two is."""
+    def module(groups: str) -> str:
+        return f"""HloModule m
+%add (a: f32[], b: f32[]) -> f32[] {{
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}}
+ENTRY %main (x: f32[4,8]) -> f32[4,8] {{
+  %x = f32[4,8]{{1,0}} parameter(0)
+  ROOT %r = f32[4,8]{{1,0}} all-reduce(%x), replica_groups={groups}, to_apply=%add
+}}
+"""
+    alone = ["mesh['data'=1,'ulysses'=8] {'data'}", "[8,1]<=[8]", "{{0},{1}}"]
+    paired = ["mesh['data'=2,'ulysses'=4] {'data'}", "[4,2]<=[8]", "{{0,1},{2,3}}"]
+    assert all(hlo_counts.count(module(groups)).collective_bytes == {} for groups in alone)
+    assert all(hlo_counts.count(module(groups)).collective_bytes == {"all-reduce": 4 * 8 * 4} for groups in paired)
