@@ -47,7 +47,9 @@ bf16 = the compute dtype). The peak is persistent + the largest moment.
                       layer's prefetched) and its weight gradient whole in f32 before the reduce-scatter
   layer or loss       the larger of one layer's backward working set (its intermediates and the
                       MLP cotangents, `_layer_backward_per_token`) and one loss chunk: [b, C / seq
-                      shards, V / tensor] float32 logits, their bf16 cotangent, the bf16 lm_head
+                      shards, V / tensor] float32 logits and their bf16 cotangent
+  lm_head             the loss's one bf16 copy of the gathered lm_head (train/loss.py), which libtpu
+                      keeps from the loss through the decoder's backward
 3. Backward, at the audio merge (when the projector trains): the merge's transpose accumulates each
    window block's cotangent on its way around the ring (two blocks, the t x D cotangent at this
    device's slots); the gradients, encoder residuals and front are live, and when the decoder trains,
@@ -171,8 +173,8 @@ def plan(config, num_devices: int) -> Plan:
 
     chunk = largest_divisor_at_most(data.seq_len, trainer.loss_chunk_length)
     logits = rows * max(1, chunk // sequence_shards) * decoder.vocab_size // tensor * F32
-    # The chunk's float32 logits, their bf16 cotangent and the lm_head gathered in bf16.
-    loss_chunk = logits + logits // 2 + embed_table
+    # The chunk's float32 logits and their bf16 cotangent.
+    loss_chunk = logits + logits // 2
     layer = tokens * _layer_backward_per_token(decoder, tensor, act)
     # A trained decoder layer's backward under FSDP: its weights gathered in bf16 (and the next layer's,
     # prefetched) and its weight gradient whole in f32 until the reduce-scatter.
@@ -199,6 +201,9 @@ def plan(config, num_devices: int) -> Plan:
                                                                                             act),
                 "encoder residuals": encoder_saved,
                 "max(one layer's backward, loss chunk)": max(layer, loss_chunk),
+                # train/loss.py gathers the lm_head once, in bf16, for all chunks; libtpu keeps that copy
+                # from the loss through the decoder's backward (seen in its buffer assignment).
+                "lm_head gathered in bf16": embed_table,
                 "one decoder layer's weights gathered (x2) and its f32 weight gradient": layer_weights}
     return Plan(persistent, {"forward: the audio merge": forward, "backward: the decoder's last layer": backward,
                              "backward: the audio merge": merge_backward})

@@ -123,6 +123,16 @@ def versions() -> dict:
     return found
 
 
+def source_commit() -> str:
+    """The commit the compiled code comes from ("+" when the tree has changes), kept with each record so
+    the page can tell figures of older code apart."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD")
+    return commit + ("+" if git("status", "--porcelain", "--untracked-files=no") else "") if commit else "unknown"
+
+
 def candidate_key(name: str, overrides=()) -> str:
     """The cache key of an experiment compiled with config overrides (a remat / micro-batch candidate)."""
     return " ".join([name, *overrides])
@@ -175,7 +185,7 @@ def recompile_tpu(names: list[str], cache: dict, overrides=(), hlo_dir: str | No
         hlo = result.train.compiled.as_text()
         counts = hlo_counts.count(hlo)
         record = {"topology": topology.name, "slices": topology.slices, "hbm_bytes": topology.hbm_bytes,
-                  "train": compiled_figures(result.train), "versions": versions(),
+                  "train": compiled_figures(result.train), "versions": versions(), "commit": source_commit(),
                   "config_fingerprint": fingerprint(config), "date": datetime.date.today().isoformat(),
                   "remat_policy": config.model.remat_policy, "batch_size": config.data.batch_size,
                   "grad_accum_steps": config.grad_accum_steps,
@@ -516,9 +526,10 @@ def main():
         recompile_gpu_node(cache)
     if args.recompile_sequence_scaling:
         sequence_scaling.compile_points(load_config, LONG_CONTEXT_SPEC, args.set, compiled_figures, versions,
-                                         args.keep_hlo)
+                                         args.keep_hlo, source_commit())
     if args.recount:
         recount(cache, args.recount)
+        sequence_scaling.recount_points(load_config, LONG_CONTEXT_SPEC, args.set, args.recount)
     if args.write:
         with open(args.write, "w") as out:
             out.write(page(cache))

@@ -12,6 +12,15 @@ the collectives' buffers: what sequence parallelism must keep flat), the live pe
 kind of collective moves in one step (`af_next_jax.compile.hlo_counts`: loops counted by trip count).
 Parameters and optimizer state shrink as chips are added (they are sharded over all of them) and are
 shown apart.
+
+The second table splits the collective bytes by where they come from (the op_name of each collective):
+Ulysses' all-to-alls, the ring's K/V tour, the audio merge's tour of the window blocks, and everything
+else (FSDP's weight gathers and gradient reductions, the loss's lm_head gather, the embedding's
+gradient). Two of them cannot be flat at a fixed number of tokens per chip: every chip's queries must
+meet every K/V block of its row, so the ring's bytes per chip grow with the sequence, as the attention
+FLOPs per chip do (both shown, and their ratio); and the merge passes each window block once around the
+sequence group, so its bytes grow with the audio of the rows (an all-gather of the rows' windows inside
+the group would move the same).
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ TOKENS_PER_CHIP_PER_ROW = 4096
 ULYSSES = 4
 LAYERS = 4
 FLAT = 0.05                 # the goal: temporaries and collective bytes per chip within 5% across the points
+# Where a collective comes from, by the text of its op_name (hlo_counts.count's scopes).
+SCOPES = {"attention": "layers/attention/shard_map", "audio merge": "embed_audio_and_text/shard_map"}
 
 
 def overrides(stage4_config, chips: int) -> list[str]:
@@ -63,7 +74,8 @@ def save_points(points: dict, path: str = CACHE) -> None:
         file.write("\n")
 
 
-def compile_points(load_config, spec: str, extra: list[str], figures_of, versions, hlo_dir=None) -> None:
+def compile_points(load_config, spec: str, extra: list[str], figures_of, versions, hlo_dir=None,
+                   commit: str = "unknown") -> None:
     """Compile each point (with the `extra` config overrides) and store it in CACHE, by chips."""
     from af_next_jax.compile import hlo_counts
     from af_next_jax.compile.report import bytes_per_device
@@ -76,7 +88,7 @@ def compile_points(load_config, spec: str, extra: list[str], figures_of, version
         print(f"compiling stage 4 at {chips} chips ({config.data.seq_len} tokens a row) ...", flush=True)
         result = compile_experiment(config, topology_devices(topology), with_eval=False)
         hlo = result.train.compiled.as_text()
-        counts = hlo_counts.count(hlo)
+        counts = hlo_counts.count(hlo, SCOPES)
         if hlo_dir:
             os.makedirs(hlo_dir, exist_ok=True)
             with gzip.open(os.path.join(hlo_dir, f"sequence_scaling_{chips}.hlo.gz"), "wt") as out:
@@ -89,9 +101,65 @@ def compile_points(load_config, spec: str, extra: list[str], figures_of, version
             "train": figures_of(result.train),
             "state_bytes": bytes_per_device(inputs["parameters"]) + bytes_per_device(inputs["optimizer state"]),
             "collective_bytes": counts.collective_bytes, "matmul_flops": counts.matmul_flops,
-            "unknown_loops": len(counts.unknown_loops),
-            "versions": versions(), "date": datetime.date.today().isoformat()}
+            "collective_bytes_by_scope": counts.collective_bytes_by_scope,
+            "attention_flops": attention_flops(config, chips), "unknown_loops": len(counts.unknown_loops),
+            "versions": versions(), "commit": commit, "date": datetime.date.today().isoformat()}
         save_points(points)
+
+
+def attention_flops(config, chips: int) -> float:
+    """The attention cores' analytic FLOPs of one step per chip (they run in kernels the HLO cannot count)."""
+    from af_next_jax.experiment import experiment_from
+    from af_next_jax.experiment.program import step_flops
+
+    experiment = experiment_from(config)
+    return (step_flops(experiment, attention=True) - step_flops(experiment, attention=False)) / chips
+
+
+def recount_points(load_config, spec: str, extra: list[str], hlo_dir: str) -> None:
+    """Count each point's collectives (by scope) again from the HLO `compile_points` kept in `hlo_dir`."""
+    from af_next_jax.compile import hlo_counts
+
+    points = load_points()
+    for chips in list(points):
+        path = os.path.join(hlo_dir, f"sequence_scaling_{chips}.hlo.gz")
+        if not os.path.exists(path):
+            continue
+        with gzip.open(path, "rt") as text:
+            counts = hlo_counts.count(text.read(), SCOPES)
+        config = point_config(load_config, spec, int(chips), extra)
+        points[chips].update(collective_bytes=counts.collective_bytes, matmul_flops=counts.matmul_flops,
+                             collective_bytes_by_scope=counts.collective_bytes_by_scope,
+                             attention_flops=attention_flops(config, int(chips)),
+                             unknown_loops=len(counts.unknown_loops))
+    save_points(points)
+
+
+def _by_source(point: dict) -> dict[str, float]:
+    """GiB per step by source: Ulysses, the ring's K/V, the audio merge, everything else."""
+    scopes = point.get("collective_bytes_by_scope", {})
+    attention = scopes.get("attention", {})
+    ring = attention.get("collective-permute", 0)
+    ulysses = sum(attention.values()) - ring
+    merge = sum(scopes.get("audio merge", {}).values())
+    rest = sum(point["collective_bytes"].values()) - ring - ulysses - merge
+    return {"Ulysses": ulysses / 2**30, "ring K/V": ring / 2**30, "audio merge": merge / 2**30,
+            "everything else": rest / 2**30}
+
+
+def source_table(points: dict) -> list[str]:
+    chips_sorted = sorted(points, key=int)
+    if not all("collective_bytes_by_scope" in points[chips] for chips in chips_sorted):
+        return ["(Collective bytes by source: not counted yet; `python benchmarks/scaling.py --recount DIR`.)"]
+    lines = ["| chips | Ulysses all-to-all GiB | ring K/V GiB | audio merge GiB | everything else GiB | "
+             "attention TFLOPs / chip | ring GiB per attention PFLOP |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for chips in chips_sorted:
+        point, sources = points[chips], _by_source(points[chips])
+        attention = point["attention_flops"]
+        cells = [f"{sources[source]:.2f}" for source in ("Ulysses", "ring K/V", "audio merge", "everything else")]
+        lines.append(f"| {chips} | {' | '.join(cells)} | {attention / 1e12:.0f} | "
+                     f"{sources['ring K/V'] / (attention / 1e15):.2f} |")
+    return lines
 
 
 def section(points: dict) -> str:
@@ -100,6 +168,8 @@ def section(points: dict) -> str:
     if not points:
         return "\n".join(lines + ["Not compiled yet (`python benchmarks/scaling.py --recompile-sequence-scaling`)."])
     kinds = sorted({kind for point in points.values() for kind in point["collective_bytes"]})
+    commits = sorted({point.get("commit", "unknown") for point in points.values()})
+    lines += [f"Compiled at commit {', '.join(commits)}.", ""]
     lines += ["| target | chips | mesh | tokens a row | windows / chip | temporaries GiB | live peak GiB | "
               "parameters + optimizer GiB | " + " | ".join(f"{kind} GiB" for kind in kinds) + " | matmul TFLOPs |",
               "|---|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(kinds) + "---:|"]
@@ -114,18 +184,26 @@ def section(points: dict) -> str:
     unknown = sum(point.get("unknown_loops", 0) for point in points.values())
     lines += ["", spread_line(points, kinds)] + ([f"({unknown} loops of unreadable trip count counted once.)"]
                                                  if unknown else [])
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + source_table(points))
 
 
-def spread(values: list[float]) -> float:
-    """(largest - smallest) / smallest."""
-    return (max(values) - min(values)) / min(values) if min(values) > 0 else float("inf")
+def growth(values: list[float]) -> float:
+    """How much the largest value exceeds the first (the smallest mesh's): per-chip cost that shrinks as
+    chips are added (the sharded state) is not growth."""
+    return max(values) / values[0] - 1 if values[0] > 0 else float("inf")
 
 
 def spread_line(points: dict, kinds: list[str]) -> str:
-    temps = [p["train"]["temp_size_in_bytes"] for p in points.values()]
-    moved = [sum(p["collective_bytes"].values()) for p in points.values()]
-    verdict = lambda value: "flat" if value <= FLAT else "**not flat**"  # noqa: E731
-    return (f"Spread from the smallest to the largest point (goal: within {FLAT:.0%}): temporaries "
-            f"{spread(temps):.1%} ({verdict(spread(temps))}), bytes moved by collectives {spread(moved):.1%} "
-            f"({verdict(spread(moved))}).")
+    ordered = [points[chips] for chips in sorted(points, key=int)]
+    verdict = lambda value: f"{value:+.1%} ({'flat' if value <= FLAT else '**not flat**'})"  # noqa: E731
+    temps = [p["train"]["temp_size_in_bytes"] for p in ordered]
+    peaks = [p["train"]["peak_memory_in_bytes"] for p in ordered]
+    moved = [sum(p["collective_bytes"].values()) for p in ordered]
+    line = (f"Growth over the smallest point, per chip (goal: within {FLAT:.0%}): temporaries "
+            f"{verdict(growth(temps))}, live peak {verdict(growth(peaks))}, bytes moved by collectives "
+            f"{verdict(growth(moved))}")
+    if all("collective_bytes_by_scope" in p for p in ordered):
+        sources = [_by_source(p) for p in ordered]
+        line += (f"; without the ring's K/V and the merge's tour (next table) "
+                 f"{verdict(growth([s['Ulysses'] + s['everything else'] for s in sources]))}")
+    return line + "."

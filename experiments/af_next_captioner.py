@@ -4,7 +4,8 @@ Full fine-tuning from stage 4; the same architecture as Instruct and Think, only
 differ. ARG: `tpu_v5p` (default) or `h100` (long-context meshes: the sequence is sharded).
 
 Remat is `save_attention_out`, as stage 4 (the long attention cores are not run again): compiled for
-its v5p-64 target (libtpu 0.0.50), 55.4 GiB allocated per chip of 95 (`full`: 44.7).
+its v5p-64 target (libtpu 0.0.50, commit da69e28), 55.2 GiB allocated per chip of 95 (`full`, compiled
+before da69e28: 44.7).
 """
 
 from common import RUN_ROOT, af_next_7b_stage

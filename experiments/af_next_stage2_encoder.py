@@ -5,8 +5,8 @@ Starts from stage 1's workdir. ARG: `tpu_v5p` (default) or `h100`.
 Target: v5p-256 (128 chips, FSDP 128: two 8K rows and 20 windows per chip). Remat is
 `save_attention_out` (the decoder keeps each layer's input and attention output; the encoder, which
 names no attention output, its layer inputs). Compiled for its target (`python -m af_next_jax.compile
---config experiments/af_next_stage2_encoder.py`, libtpu 0.0.50, the sharded audio merge): 21.8 GiB
-allocated per chip of 95 (`full`: 19.3; before the sharded merge `full` needed 47.7).
+--config experiments/af_next_stage2_encoder.py`, libtpu 0.0.50, commit da69e28): 23.9 GiB allocated
+per chip of 95 (`full`, compiled before da69e28: 19.3; before the sharded merge `full` needed 47.7).
 `dots_with_no_batch_dims` needs 108.6 GiB and does not fit. The trade: the projections run again in
 the backward (compiled matmul FLOPs 1.34x the useful ones, against 1.03x with saved dots), the
 attention cores do not (they would with `full`); batch and mesh are unchanged. docs/SCALING.md lists

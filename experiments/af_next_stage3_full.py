@@ -4,8 +4,8 @@ Starts from stage 2's workdir. ARG: `tpu_v5p` (default) or `h100`.
 
 Target: v5p-256 (128 chips, FSDP 128: one 16K-token row and 21 windows per chip). Remat is
 `save_attention_out`: compiled for its target (`python -m af_next_jax.compile --config
-experiments/af_next_stage3_full.py`, libtpu 0.0.50, the sharded audio merge) 22.2 GiB allocated per
-chip of 95 (`full`: 17.8; before the sharded merge `full` needed 53.1). `dots_with_no_batch_dims`
+experiments/af_next_stage3_full.py`, libtpu 0.0.50, commit da69e28) 26.2 GiB allocated per chip of
+95 (`full`, compiled before da69e28: 17.8; before the sharded merge `full` needed 53.1). `dots_with_no_batch_dims`
 needs 109.6 GiB and does not fit. The trade: the projections run again in the backward (compiled
 matmul FLOPs 1.24x the useful ones, against 1.02x with saved dots), the 16K attention cores do not
 (they would with `full`); batch and mesh are unchanged.

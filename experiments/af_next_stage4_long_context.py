@@ -2,8 +2,8 @@
 
 Hybrid sequence parallelism (Ulysses inside a node / slice axis, ring across). Remat is
 `save_attention_out`: the 128K-token attention cores, most of the step's work, are not run again in
-the backward. Compiled for its v5p-64 target (libtpu 0.0.50): 55.4 GiB allocated per chip of 95
-(`full`: 43.4); the dots policies keep every projection output of 28 layers x 32K tokens a chip and
+the backward. Compiled for its v5p-64 target (libtpu 0.0.50, commit da69e28): 55.4 GiB allocated per
+chip of 95 (`full`, compiled before da69e28: 43.4); the dots policies keep every projection output of 28 layers x 32K tokens a chip and
 do not fit (planned at ~146 GiB live).
 Starts from stage 3's workdir. ARG: `tpu_v5p` (default) or `h100` (long-context meshes).
 """

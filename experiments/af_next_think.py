@@ -6,9 +6,9 @@ part of this trainer.
 
 Target: v5p-256 (128 chips) on the long-context mesh (ring 8 x ulysses 4 x fsdp 4), 128 rows in one
 micro-batch (no accumulation), remat `save_attention_out`. Compiled for its target (`python -m
-af_next_jax.compile --config experiments/af_next_think.py`, libtpu 0.0.50, the sharded audio merge):
-52.2 GiB allocated per chip of 95. Before the sharded merge it needed full remat and 2 accumulated
-micro-batches of 64 rows (41.1 GiB; with the sharded merge that setting takes 24.9). The trade: the
+af_next_jax.compile --config experiments/af_next_think.py`, libtpu 0.0.50, commit da69e28): 49.3 GiB
+allocated per chip of 95. Before the sharded merge it needed full remat and 2 accumulated micro-batches
+of 64 rows (41.1 GiB; with the sharded merge, before da69e28, that setting took 24.9). The trade: the
 projections run again in the backward (compiled matmul FLOPs 1.24x the useful ones), the 32K attention
 cores do not, and the step is one pass instead of two sequential micro-batches. The plan before that
 (FSDP 128, one 32K row per chip) needed 108 GiB even with full remat.

@@ -2,9 +2,10 @@
 
 XLA's `cost_analysis()` counts a while loop's body once, so a scanned 28-layer decoder reads as one
 layer and remat's recomputation cannot be seen in it. Here every computation is weighted by how many
-times one step runs it: a while body by its trip count (the bound of the `counter < N` compare in its
-condition: the shape jax's scan and fori_loop lower to, counting from 0 by 1), a fusion or call by the
-weight of its caller. Counted per device:
+times one step runs it: a while body by its trip count (XLA's known_trip_count, else the bound of the
+`counter < N` compare in its condition, counting from 0 by the step the body adds: 1 for jax's scan and
+fori_loop, 2 for XLA's bidirectional collective matmuls), a fusion or call by the weight of its caller.
+Counted per device:
 
   matmul_flops      2 x multiply-adds of every `dot` and `convolution` (TPU writes most matmuls as
                     convolutions: output elements x the kernel's input features x the window positions
@@ -46,6 +47,12 @@ class HloCounts:
     matmul_flops: float
     collective_bytes: dict[str, float]
     unknown_loops: list[str]
+    # {scope: {kind: bytes}} when `count` is given scopes: each collective under the first scope whose text
+    # its op_name metadata contains, else under "other".
+    collective_bytes_by_scope: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def _dims(shape: str) -> list[int]:
@@ -74,7 +81,8 @@ def _group_size(attributes: str) -> int | None:
     mesh = _MESH_GROUPS.search(attributes)
     if mesh:
         sizes = {name.strip("'"): int(size) for name, size in re.findall(r"('[^']*')=(\d+)", mesh.group("sizes"))}
-        return math.prod(sizes.get(axis.strip().strip("'"), 1) for axis in mesh.group("axes").split(",") if axis.strip())
+        named = [axis.strip().strip("'") for axis in mesh.group("axes").split(",") if axis.strip()]
+        return math.prod(sizes.get(axis, 1) for axis in named)
     iota = _IOTA_GROUPS.search(attributes)
     if iota:
         return int(iota.group(1))
@@ -108,9 +116,34 @@ def _parse(hlo_text: str) -> tuple[dict[str, _Computation], str]:
     return computations, entry
 
 
-def _trip_count(attributes: str, condition: _Computation | None, computations: dict) -> int | None:
+def _counter_step(condition: _Computation, body: _Computation | None) -> int:
+    """By how much the body advances the counter the condition compares: 1 unless the body's ROOT tuple
+    puts `counter + c` (a constant c) back at the counter's index. XLA's bidirectional windowed einsum
+    loops (collective matmuls) do two steps' work an iteration and count by 2."""
+    counter = next((re.search(r"index=(\d+)", line.group("attributes")) for line in condition.lines
+                    if line.group("op") == "get-tuple-element"), None)
+    root = next((line for line in (body.lines if body else []) if line.group("op") == "tuple"
+                 and line.group(0).lstrip().startswith("ROOT")), None)
+    if counter is None or root is None:
+        return 1
+    operands = [o.strip().lstrip("%") for o in re.sub(r"/\*.*?\*/", "", root.group("operands")).split(",")]
+    if int(counter.group(1)) >= len(operands):
+        return 1
+    lines = {line.group("name"): line for line in body.lines}
+    update = lines.get(operands[int(counter.group(1))].split()[-1].lstrip("%"))
+    if update is None or update.group("op") != "add":
+        return 1
+    added = [lines.get(o.strip().split()[-1].lstrip("%")) for o in update.group("operands").split(",")]
+    steps = [int(value) for line in added if line is not None and line.group("op") == "constant"
+             for value in re.findall(r"constant\((\d+)\)", line.group(0))]
+    return steps[0] if len(steps) == 1 and steps[0] > 0 else 1
+
+
+def _trip_count(attributes: str, condition: _Computation | None, computations: dict,
+                body: _Computation | None = None) -> int | None:
     """The loop's trip count: XLA's own `known_trip_count` when it wrote one, else N of the condition
-    `counter < N` (an LT compare, in the condition or a fusion it calls, against its one constant)."""
+    `counter < N` (an LT compare, in the condition or a fusion it calls, against its one constant),
+    divided by the counter's step (`_counter_step`)."""
     known = _KNOWN_TRIPS.search(attributes)
     if known:
         return int(known.group(1))
@@ -122,7 +155,7 @@ def _trip_count(attributes: str, condition: _Computation | None, computations: d
                                                         for c in _CALLEES.findall(line.group("attributes"))]
                 if computation is not None for line in computation.lines
                 if line.group("op") == "compare" and "direction=LT" in line.group("attributes")]
-    return constants[0] if len(constants) == 1 and compared else None
+    return -(-constants[0] // _counter_step(condition, body)) if len(constants) == 1 and compared else None
 
 
 def _operand_shape(computation: _Computation, operand: str) -> str:
@@ -151,8 +184,9 @@ def _matmul_flops(computation: _Computation, line: re.Match) -> float:
     return 2.0 * output * reduced
 
 
-def count(hlo_text: str) -> HloCounts:
-    """Matmul FLOPs and collective bytes of one run of the program, per device (see the module doc)."""
+def count(hlo_text: str, scopes: dict[str, str] | None = None) -> HloCounts:
+    """Matmul FLOPs and collective bytes of one run of the program, per device (see the module doc);
+    with `scopes` ({label: text of the op_name path}), the collective bytes split by where they come from."""
     computations, entry = _parse(hlo_text)
     weight: dict[str, float] = collections.defaultdict(float)
     unknown = []
@@ -165,7 +199,7 @@ def count(hlo_text: str) -> HloCounts:
             attributes = line.group("attributes")
             if line.group("op") == "while":
                 condition, body = _CONDITION.search(attributes).group(1), _BODY.search(attributes).group(1)
-                trips = _trip_count(attributes, computations.get(condition), computations)
+                trips = _trip_count(attributes, computations.get(condition), computations, computations.get(body))
                 if trips is None:
                     unknown.append(line.group("name"))
                 visit(body, times * (trips or 1))
@@ -178,6 +212,7 @@ def count(hlo_text: str) -> HloCounts:
 
     visit(entry, 1.0)
     flops, collectives = 0.0, collections.defaultdict(float)
+    by_scope = collections.defaultdict(lambda: collections.defaultdict(float))
     for name, times in weight.items():
         computation = computations[name]
         for line in computation.lines:
@@ -186,5 +221,10 @@ def count(hlo_text: str) -> HloCounts:
                 flops += times * _matmul_flops(computation, line)
             kind = op[:-len("-start")] if op.endswith("-start") else op
             if kind in COLLECTIVES and _group_size(line.group("attributes")) != 1:  # a group of one moves nothing
-                collectives[kind] += times * _result_bytes(line.group("shape"), started=op != kind)
-    return HloCounts(flops, dict(collectives), unknown)
+                moved = times * _result_bytes(line.group("shape"), started=op != kind)
+                collectives[kind] += moved
+                if scopes is not None:
+                    op_name = _OP_NAME.search(line.group("attributes"))
+                    path = op_name.group(1) if op_name else ""
+                    by_scope[next((label for label, text in scopes.items() if text in path), "other")][kind] += moved
+    return HloCounts(flops, dict(collectives), unknown, {scope: dict(kinds) for scope, kinds in by_scope.items()})

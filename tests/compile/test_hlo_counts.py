@@ -98,3 +98,57 @@ ENTRY %main (x: f32[4,8]) -> f32[4,8] {{
     paired = ["mesh['data'=2,'ulysses'=4] {'data'}", "[4,2]<=[8]", "{{0,1},{2,3}}"]
     assert all(hlo_counts.count(module(groups)).collective_bytes == {} for groups in alone)
     assert all(hlo_counts.count(module(groups)).collective_bytes == {"all-reduce": 4 * 8 * 4} for groups in paired)
+
+
+def test_collective_bytes_split_by_the_scope_of_their_op_name():
+    text = """HloModule m
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+ENTRY %main (x: f32[4,8]) -> f32[4,8] {
+  %x = f32[4,8]{1,0} parameter(0)
+  %p = f32[4,8]{1,0} collective-permute(%x), source_target_pairs={{0,1},{1,0}}, metadata={op_name="jit(step)/decoder/layers/attention/shard_map/ppermute"}
+  %q = f32[4,8]{1,0} collective-permute(%p), source_target_pairs={{0,1},{1,0}}, metadata={op_name="jit(step)/merge/shard_map/ppermute"}
+  ROOT %r = f32[4,8]{1,0} all-reduce(%q), replica_groups={{0,1}}, to_apply=%add, metadata={op_name="jit(step)/attention/sum"}
+}
+"""
+    counts = hlo_counts.count(text, {"ring": "layers/attention/shard_map", "reductions": "attention"})
+    block = 4 * 8 * 4
+    assert counts.collective_bytes_by_scope == {"ring": {"collective-permute": block},
+                                                "other": {"collective-permute": block},
+                                                "reductions": {"all-reduce": block}}
+    assert counts.collective_bytes == {"collective-permute": 2 * block, "all-reduce": block}
+
+
+def test_a_loop_counting_by_two_runs_half_its_bound():
+    """XLA's bidirectional windowed einsum (a collective matmul) does two steps' work an iteration: its body
+    puts counter + 2 back, its condition reads counter < 16, so it runs 8 times (libtpu writes no
+    known_trip_count for it)."""
+    text = """HloModule m
+%cond (p: (s32[], f32[4,8])) -> pred[] {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(16)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[4,8]{1,0} get-tuple-element(%p), index=1
+  %b = f32[8,8]{1,0} constant({...})
+  %d = f32[4,8]{1,0} dot(f32[4,8]{1,0} %x, f32[8,8]{1,0} %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = s32[] constant(2)
+  %next = s32[] add(%i, %two)
+  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%next, /*index=1*/%d)
+}
+ENTRY %main (x: f32[4,8]) -> (s32[], f32[4,8]) {
+  %x = f32[4,8]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %t = (s32[], f32[4,8]{1,0}) tuple(%zero, %x)
+  ROOT %w = (s32[], f32[4,8]{1,0}) while(%t), condition=%cond, body=%body
+}
+"""
+    counts = hlo_counts.count(text)
+    assert counts.matmul_flops == 8 * 2 * 4 * 8 * 8 and not counts.unknown_loops
