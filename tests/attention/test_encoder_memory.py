@@ -48,7 +48,8 @@ def encoder_train_temp_bytes(kernel: str) -> int:
 @pytest.mark.slow  # two ~25 s compiles of the 1500-position encoder
 def test_encoder_under_hybrid_sequence_parallelism_no_longer_holds_the_scores(monkeypatch):
     with monkeypatch.context() as patch:  # the materialising XLA attention the old fallback ran
-        patch.setattr(dispatch, "recompute_attention", reference.xla_attention)
+        patch.setattr(dispatch, "recompute_attention",  # it takes no CPU-layout switch
+                      lambda *arrays, cpu_layouts, **masks: reference.xla_attention(*arrays, **masks))
         before = encoder_train_temp_bytes("xla")
     after = encoder_train_temp_bytes("pallas")
     config = af_next_7b().encoder
