@@ -77,7 +77,6 @@ def save_points(points: dict, path: str = CACHE) -> None:
 def compile_points(load_config, spec: str, extra: list[str], figures_of, versions, hlo_dir=None,
                    commit: str = "unknown") -> None:
     """Compile each point (with the `extra` config overrides) and store it in CACHE, by chips."""
-    from af_next_jax.compile import hlo_counts
     from af_next_jax.compile.report import bytes_per_device
     from af_next_jax.compile.steps import compile_experiment
     from af_next_jax.compile.topology import parse_topology, topology_devices
@@ -88,7 +87,6 @@ def compile_points(load_config, spec: str, extra: list[str], figures_of, version
         print(f"compiling stage 4 at {chips} chips ({config.data.seq_len} tokens a row) ...", flush=True)
         result = compile_experiment(config, topology_devices(topology), with_eval=False)
         hlo = result.train.compiled.as_text()
-        counts = hlo_counts.count(hlo, SCOPES)
         if hlo_dir:
             os.makedirs(hlo_dir, exist_ok=True)
             with gzip.open(os.path.join(hlo_dir, f"sequence_scaling_{chips}.hlo.gz"), "wt") as out:
@@ -100,10 +98,7 @@ def compile_points(load_config, spec: str, extra: list[str], figures_of, version
             "mesh": {k: v for k, v in result.mesh_sizes.items() if v > 1}, "remat": config.model.remat_policy,
             "train": figures_of(result.train),
             "state_bytes": bytes_per_device(inputs["parameters"]) + bytes_per_device(inputs["optimizer state"]),
-            "collective_bytes": counts.collective_bytes, "matmul_flops": counts.matmul_flops,
-            "collective_bytes_by_scope": counts.collective_bytes_by_scope,
-            "attention_flops": attention_flops(config, chips), "unknown_loops": len(counts.unknown_loops),
-            "versions": versions(), "commit": commit, "date": datetime.date.today().isoformat()}
+            **counted(hlo, config, chips), "versions": versions(), "commit": commit, "date": datetime.date.today().isoformat()}
         save_points(points)
 
 
@@ -116,22 +111,25 @@ def attention_flops(config, chips: int) -> float:
     return (step_flops(experiment, attention=True) - step_flops(experiment, attention=False)) / chips
 
 
-def recount_points(load_config, spec: str, extra: list[str], hlo_dir: str) -> None:
-    """Count each point's collectives (by scope) again from the HLO `compile_points` kept in `hlo_dir`."""
+def counted(hlo: str, config, chips: int) -> dict:
+    """A point's figures read from its compiled HLO, and the analytic attention FLOPs beside them."""
     from af_next_jax.compile import hlo_counts
 
+    counts = hlo_counts.count(hlo, SCOPES)
+    return {"collective_bytes": counts.collective_bytes, "matmul_flops": counts.matmul_flops,
+            "collective_bytes_by_scope": counts.collective_bytes_by_scope,
+            "attention_flops": attention_flops(config, chips), "unknown_loops": len(counts.unknown_loops)}
+
+
+def recount_points(load_config, spec: str, extra: list[str], hlo_dir: str) -> None:
+    """Count each point's collectives (by scope) again from the HLO `compile_points` kept in `hlo_dir`."""
     points = load_points()
     for chips in list(points):
         path = os.path.join(hlo_dir, f"sequence_scaling_{chips}.hlo.gz")
         if not os.path.exists(path):
             continue
         with gzip.open(path, "rt") as text:
-            counts = hlo_counts.count(text.read(), SCOPES)
-        config = point_config(load_config, spec, int(chips), extra)
-        points[chips].update(collective_bytes=counts.collective_bytes, matmul_flops=counts.matmul_flops,
-                             collective_bytes_by_scope=counts.collective_bytes_by_scope,
-                             attention_flops=attention_flops(config, int(chips)),
-                             unknown_loops=len(counts.unknown_loops))
+            points[chips].update(counted(text.read(), point_config(load_config, spec, int(chips), extra), int(chips)))
     save_points(points)
 
 
