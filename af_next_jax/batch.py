@@ -13,8 +13,11 @@ A batch is a dict of arrays with static shapes (so one compiled step serves ever
                                   the window axis of RoTE
 
 Every row owns W / B window slots (W is a multiple of B): row b's windows are slots
-[b W/B, (b + 1) W/B), its audios' windows first, in the order their `<sound>` runs appear in the row
-(an audio's windows consecutive), padding windows (valid frames 0) after them. The `<sound>` run of an
+[b W/B, (b + 1) W/B), in the order their `<sound>` runs appear in the row, padding windows (valid
+frames 0) anywhere among and after them. Without sequence parallelism the windows come first and
+consecutive; with it, a row's slots form S equal blocks, one per slice of L / S tokens, and each window
+sits in the block of the slice holding its first `<sound>` token (data/packing.py), which only makes the
+merge cheaper: any order of a row's windows merges to the same embeddings. The `<sound>` run of an
 audio holds exactly `sum(encoder_tokens_for_frames(mel_valid_frames[w]))` over its windows: the model
 puts the k-th valid encoder token of row b's windows into row b's k-th `<sound>` slot (transformers'
 `masked_scatter` reads the whole batch row-major, which is the same order). Rows own their windows so

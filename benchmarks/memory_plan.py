@@ -26,7 +26,8 @@ bf16 = the compute dtype). The peak is persistent + the largest moment.
   audio merge         model/audio_merge.py: each device keeps its text slice and its own block of
                       windows (w x 750 x D, the projector output below); with the windows over the
                       sequence axes the blocks travel around the sequence group, one more block in
-                      flight; the audio picked for this device's t text positions (t x D)
+                      flight, and with slot blocks and several rows a device one more, the block
+                      swapped in; the audio picked for this device's t text positions (t x D)
   encoder residuals   what the remat policy saves of each encoder layer for this device's windows
                       ("full", and "save_attention_out", whose name only the decoder sets: the layer
                       input, w x P x 1280), only when the encoder trains (a frozen
@@ -51,7 +52,7 @@ bf16 = the compute dtype). The peak is persistent + the largest moment.
   lm_head             the loss's one bf16 copy of the gathered lm_head (train/loss.py), which libtpu
                       keeps from the loss through the decoder's backward
 3. Backward, at the audio merge (when the projector trains): the merge's transpose accumulates each
-   window block's cotangent on its way around the ring (two blocks, the t x D cotangent at this
+   window block's cotangent on its way around the ring (two blocks, three swapped, the t x D cotangent at this
    device's slots); the gradients, encoder residuals and front are live, and when the decoder trains,
    so is the token embedding's gradient: a whole f32 [V, D] table the text cotangents are
    scatter-added into (its all-reduce and slice to the shard come after the merge's buffers are freed).
@@ -127,18 +128,19 @@ def _layer_backward_per_token(decoder, tensor: int, act: int) -> int:
 
 def abstract_inputs(config, num_devices: int):
     """(the Program's experiment, its mesh sizes, {"parameters", "optimizer state", "gradients", "batch"}
-    bytes per device): from the shardings `build_program` gives the trainer, on an abstract mesh."""
+    bytes per device, its slot blocks): from the shardings `build_program` gives the trainer, on an
+    abstract mesh."""
     program = build_program(experiment_from(config), num_devices)
     state = program.abstract_state()
     trained = jax.tree.map(lambda label, leaf: leaf if label != "frozen" else None, program.labels, state.params)
     return program.experiment, program.mesh_sizes, {
         "parameters": bytes_per_device(state.params), "optimizer state": bytes_per_device(state.opt_state),
         "gradients": bytes_per_device([leaf for leaf in jax.tree.leaves(trained)]),
-        "batch": bytes_per_device(program.step_batch)}
+        "batch": bytes_per_device(program.step_batch)}, program.slot_blocks
 
 
 def plan(config, num_devices: int) -> Plan:
-    experiment, sizes, persistent = abstract_inputs(config, num_devices)
+    experiment, sizes, persistent, slot_blocks = abstract_inputs(config, num_devices)
     model_config, trainer = experiment.model, experiment.trainer
     # Allocated as the backward pass produces them; with accumulation, the running sum and this micro-batch's.
     gradients = persistent.pop("gradients") * (2 if trainer.grad_accum_steps > 1 else 1)
@@ -158,15 +160,18 @@ def plan(config, num_devices: int) -> Plan:
     encoder_saved = encoder.num_layers * windows * encoder_per_window if "encoder" in trained else 0
 
     # The merge (model/audio_merge.py) keeps this device's text slice and its windows' block; with the
-    # windows over the sequence axes a second block is in flight around the sequence group's ring.
+    # windows over the sequence axes a second block is in flight around the sequence group's ring, and
+    # with slot blocks (several rows a device) a third: the block the devices swapped into.
     block = windows * encoder.tokens_per_window * decoder.hidden_size * act
     ring_blocks = block if experiment.mesh.shard_windows_over_sequence and sequence_shards > 1 else 0
+    transposed = block if slot_blocks > 1 and rows > 1 else 0
     at_slots = tokens * decoder.hidden_size * act  # the audio picked for this device's text positions
     embed_table = decoder.vocab_size // tensor * decoder.hidden_size * act
     frontend = windows * (3 * 2 * positions + 2 * positions) * encoder.hidden_size * act if "encoder" in trained else 0
     projector = 3 * windows * encoder.tokens_per_window * decoder.hidden_size * act if "projector" in trained else 0
     forward = {"embedding table, gathered": embed_table,
-               "audio merge: a window block in flight, audio at the text's slots": ring_blocks + at_slots,
+               "audio merge: a window block in flight (and swapped), audio at the text's slots":
+                   ring_blocks + transposed + at_slots,
                "encoder residuals": encoder_saved,
                "encoder convolutions and projector, kept for their backward": frontend + projector,
                "text embeddings": tokens * decoder.hidden_size * act}
@@ -187,7 +192,8 @@ def plan(config, num_devices: int) -> Plan:
     # waits for its cotangent.
     projector_trains = "projector" in trained
     merge_backward = {"gradients": gradients,
-                      "audio merge: block cotangents (x2), cotangent at the text's slots": 2 * block + at_slots,
+                      "audio merge: block cotangents (x2, x3 swapped), cotangent at the text's slots":
+                          2 * block + transposed + at_slots,
                       "encoder residuals": encoder_saved,
                       "encoder convolutions and projector, kept for their backward": frontend + projector,
                       "text embeddings cotangent": tokens * decoder.hidden_size * act,

@@ -4,8 +4,8 @@
 
 Stage 4 (experiments/af_next_stage4_long_context.py) on v5p-16, -32, -64 and -128 (8 to 64 chips):
 Ulysses 4 inside, the ring over the rest (chips / 4), the batch of 8 rows kept, and the sequence grown
-with the chips, 4,096 tokens per chip per row (32K to 256K); the window slots grow with it (8 rows x
-seq_len / 750, padded to the chips, as the experiment lays them out). Every layer has the same shapes at
+with the chips, 4,096 tokens per chip per row (32K to 256K); the window slots grow with it, one block
+of slots per sequence slice, as the experiment lays them out (experiments/common.py `window_slots`). Every layer has the same shapes at
 every point, so the step is compiled with `LAYERS` decoder and encoder layers to keep the compiles short;
 the remat policy is the experiment's. Per chip, from libtpu's compile: the temporaries (activations and
 the collectives' buffers: what sequence parallelism must keep flat), the live peak, and the bytes each
@@ -29,6 +29,7 @@ import datetime
 import gzip
 import json
 import os
+import sys
 
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sequence_scaling.json")
 
@@ -42,10 +43,11 @@ SCOPES = {"attention": "layers/attention/shard_map", "audio merge": "embed_audio
 
 
 def overrides(stage4_config, chips: int) -> list[str]:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from common import window_slots
+
     seq_len = TOKENS_PER_CHIP_PER_ROW * chips
-    rows = stage4_config.data.batch_size
-    windows = rows * (seq_len // 750)
-    windows = -(-windows // chips) * chips
+    windows = window_slots(stage4_config.data.batch_size, seq_len, chips, slot_blocks=chips)  # data 1, fsdp 1
     return [f"mesh.ring={chips // ULYSSES}", f"mesh.ulysses={ULYSSES}", "mesh.fsdp=-1", "mesh.data=1",
             f"data.seq_len={seq_len}", f"data.max_windows_per_batch={windows}", f"target_topology=v5p-{2 * chips}"]
 

@@ -12,6 +12,11 @@ of 64 rows (41.1 GiB; with the sharded merge, before da69e28, that setting took 
 projections run again in the backward (compiled matmul FLOPs 1.24x the useful ones), the 32K attention
 cores do not, and the step is one pass instead of two sequential micro-batches. The plan before that
 (FSDP 128, one 32K row per chip) needed 108 GiB even with full remat.
+
+Window slots are not sized for one block per sequence slice (`slot_blocks=False`, experiments/common.py
+`window_slots`): a slice is 1,024 tokens, so each of a row's 32 blocks would need 2 slots, 64 a row
+instead of 43: 49% more windows through the encoder, padding included. The merge then passes the window
+blocks as far around the sequence group as the data needs (model/audio_merge.py), not one hop.
 """
 
 from common import RUN_ROOT, af_next_7b_stage
@@ -22,5 +27,6 @@ def get_config(arg=None):
     config = af_next_7b_stage(stage="full", learning_rate=5e-6, seq_len=32768, windows_per_audio=20,
                               batch_size=128, total_steps=3_000, init_from=f"{RUN_ROOT}/stage4_long_context",
                               manifests=("think/af_think_time.jsonl", "think/replay_instruct.jsonl"),
-                              mesh=mesh, sequence_parallelism="hybrid", remat="save_attention_out", target="v5p-256")
+                              mesh=mesh, sequence_parallelism="hybrid", remat="save_attention_out", target="v5p-256",
+                              slot_blocks=False)
     return config

@@ -109,21 +109,39 @@ def _chips(target: str) -> int:
     return int(size) // (2 if generation in ("v4", "v5p") else 1)
 
 
+def window_slots(batch_size: int, seq_len: int, devices: int, slot_blocks: int = 1) -> int:
+    """The static window axis of a micro-batch (data.max_windows_per_batch).
+
+    A row of seq_len tokens holds at most seq_len / 750 full 30 s windows. With `slot_blocks` = S > 1
+    (the sequence slices of a sequence-parallel mesh) a row's slots form S blocks and each window sits
+    in the block of the slice holding its first token (data/packing.py), so that the audio merge fetches
+    a window from its own device or its left neighbour (model/audio_merge.py): a slice of seq_len / S
+    tokens is where at most ceil(seq_len / S / 750) full windows start, so each block gets that many.
+    The window axis is split over every chip (data x fsdp x sequence axes): it is padded to a multiple
+    of the chips, since a count that does not divide would be replicated (every chip encoding every
+    window)."""
+    per_row = max(1, seq_len // 750) if slot_blocks == 1 else slot_blocks * -(-seq_len // slot_blocks // 750)
+    windows = batch_size * per_row
+    return -(-windows // devices) * devices
+
+
 def af_next_7b_stage(*, stage: str, learning_rate: float, seq_len: int, windows_per_audio: int,
                      batch_size: int, total_steps: int, init_from: str, manifests: tuple, mesh: str,
                      sequence_parallelism: str = "none", remat: str = "dots_with_no_batch_dims",
-                     target: str | None = None) -> ml_collections.ConfigDict:
+                     target: str | None = None, slot_blocks: bool | None = None) -> ml_collections.ConfigDict:
     """One stage of the AF-Next 7B curriculum (af_next_7b preset, bf16 compute, float32 master weights).
 
-    `target`: the TPU slice it is meant for (default: the mesh's, TARGETS); "" for GPU meshes."""
+    `target`: the TPU slice it is meant for (default: the mesh's, TARGETS); "" for GPU meshes.
+    `slot_blocks`: size the window slots for one block per sequence slice (`window_slots`; default: with
+    sequence parallelism), which the trainer then has the data place windows in."""
     target = TARGETS.get(mesh, "") if target is None or mesh not in TARGETS else target
-    # A row of seq_len tokens holds at most seq_len / 750 full 30 s windows. The window axis is split
-    # over every chip (data x fsdp x sequence axes): pad it to a multiple of the chips (the target's, or
-    # the GPU cluster's), since a count that does not divide would be replicated (every chip encoding
-    # every window).
-    windows = batch_size * max(1, seq_len // 750)
     devices = _chips(target) if target else GPU_CLUSTER_DEVICES
-    windows = -(-windows // devices) * devices
+    sizes = MESHES[mesh]
+    sequence_slices = sizes.get("ring", 1) * sizes.get("ulysses", 1) * sizes.get("dcn_ring", 1) * sizes.get(
+        "dcn_ulysses", 1)
+    if slot_blocks is None:
+        slot_blocks = sequence_parallelism != "none"
+    windows = window_slots(batch_size, seq_len, devices, sequence_slices if slot_blocks else 1)
     config = base_config()
     config.model = ml_collections.ConfigDict(dict(
         # "auto": the Pallas kernel on the GPUs/TPUs the mesh is compiled for (XLA on a CPU).

@@ -119,29 +119,36 @@ def example_windows(features: Sequence[AudioFeatures], encoder: EncoderConfig) -
 
 
 def layout_windows(rows: Sequence[Sequence[Mapping[str, np.ndarray]]], num_windows: int,
-                   mel_shape: tuple[int, int]) -> dict[str, np.ndarray]:
+                   mel_shape: tuple[int, int], slots: Sequence[Sequence[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
     """The audio fields of a batch (af_next_jax/batch.py): `mel_windows` [num_windows, *mel_shape],
     `mel_valid_frames` and `window_index` [num_windows].
 
     `rows[r]` are the window runs (`WINDOW_FIELDS`: a prepared example's, or one audio's) of row r,
     in the order their `<sound>` runs appear in it. Row r owns slots [r S, (r + 1) S) with
-    S = num_windows / rows (the contract): its runs' windows first, consecutive, then padding windows
-    (valid frames 0). Raises ValueError when a row's runs hold more than S windows.
+    S = num_windows / rows (the contract). Its runs' windows go to `slots[r][i]` (run i's slots inside
+    the row, increasing: data/packing.py's block placement), or, without `slots`, first and
+    consecutive; every other slot is a padding window (valid frames 0). Raises ValueError when a row's
+    runs do not fit its S slots.
     """
-    slots = windows_per_row(len(rows), num_windows)
+    per_row = windows_per_row(len(rows), num_windows)
     mel_windows = np.zeros((num_windows, *mel_shape), np.float32)
     mel_valid_frames = np.zeros(num_windows, np.int32)
     window_index = np.zeros(num_windows, np.int32)
     for row, runs in enumerate(rows):
         needed = sum(len(run["valid_frames"]) for run in runs)
-        if needed > slots:
-            raise ValueError(f"row {row} holds {needed} windows but each row owns {slots} window slots "
+        if needed > per_row:
+            raise ValueError(f"row {row} holds {needed} windows but each row owns {per_row} window slots "
                              f"({num_windows} windows for {len(rows)} rows)")
-        start = row * slots
-        for run in runs:
+        next_slot = 0
+        for number, run in enumerate(runs):
             count = len(run["valid_frames"])
-            mel_windows[start:start + count] = run["mel"]
-            mel_valid_frames[start:start + count] = run["valid_frames"]
-            window_index[start:start + count] = run["window_index"]
-            start += count
+            run_slots = np.arange(next_slot, next_slot + count) if slots is None else np.asarray(slots[row][number])
+            if count and (run_slots[0] < next_slot or run_slots[-1] >= per_row or np.any(np.diff(run_slots) <= 0)):
+                raise ValueError(f"row {row}, run {number}: window slots {run_slots.tolist()} must increase, follow "
+                                 f"the previous run's and lie in [0, {per_row})")
+            placed = row * per_row + run_slots
+            mel_windows[placed] = run["mel"]
+            mel_valid_frames[placed] = run["valid_frames"]
+            window_index[placed] = run["window_index"]
+            next_slot = run_slots[-1] + 1 if count else next_slot
     return {"mel_windows": mel_windows, "mel_valid_frames": mel_valid_frames, "window_index": window_index}

@@ -50,6 +50,7 @@ class DataConfig:
     seq_len: int = 1024
     batch_size: int = 8
     max_windows_per_batch: int = 16  # static W of mel_windows: each row owns W / batch_size of them
+    slot_blocks: int = 1  # blocks of a row's window slots, one per sequence slice (packing.py; Program.slot_blocks)
     max_windows_per_audio: int | None = None  # None = the model's max_windows_per_audio
     num_workers: int = 0  # grain worker processes (0 = featurise in threads of this process)
     num_threads: int = 2  # featurising threads per process
@@ -78,6 +79,10 @@ class DataConfig:
         if self.max_windows_per_batch % self.batch_size:
             raise ValueError(f"max_windows_per_batch={self.max_windows_per_batch} must be a multiple of batch_size="
                              f"{self.batch_size}: every row owns max_windows_per_batch / batch_size window slots")
+        rows_slots = self.max_windows_per_batch // self.batch_size
+        if self.slot_blocks < 1 or rows_slots % self.slot_blocks or self.seq_len % self.slot_blocks:
+            raise ValueError(f"slot_blocks={self.slot_blocks} must divide a row's {rows_slots} window slots and "
+                             f"seq_len={self.seq_len}")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.skip_threshold <= 1.0:
@@ -244,7 +249,8 @@ def build_dataset(data_config: DataConfig, model_config: ModelConfig) -> grain.I
     encoder = model_config.encoder
     batches = PackedBatchIterDataset(prepared, data_config.batch_size, data_config.seq_len,
                                      data_config.max_windows_per_batch,
-                                     (encoder.num_mel_bins, encoder.mel_frames_per_window), tokenizer.special.pad)
+                                     (encoder.num_mel_bins, encoder.mel_frames_per_window), tokenizer.special.pad,
+                                     tokenizer.special.audio, data_config.slot_blocks)
     if data_config.num_workers:
         from absl import flags
 

@@ -39,6 +39,7 @@ from af_next_jax.experiment import checks
 from af_next_jax.experiment.feeding import FeedingPlan, plan_for_mesh
 from af_next_jax.experiment.settings import Experiment, ExperimentError
 from af_next_jax.model.af_next import AFNextModel
+from af_next_jax.model.audio_merge import slot_blocks
 from af_next_jax.model.numerics import numerics_for_platform
 from af_next_jax.parallel import batch_shardings, logical_axis_rules, make_mesh, param_shardings, \
     validate_sequence_parallel
@@ -83,6 +84,14 @@ class Program:
     @property
     def mesh_sizes(self) -> dict[str, int]:
         return dict(self.mesh.shape)
+
+    @property
+    def slot_blocks(self) -> int:
+        """Blocks of a row's window slots the data should place windows in (model/audio_merge.py
+        `slot_blocks`, data/packing.py): the sequence slices of a row when the windows are split over them."""
+        data = self.experiment.data
+        with self.context():
+            return slot_blocks(data.batch_size, data.seq_len, data.max_windows_per_batch)
 
     @contextlib.contextmanager
     def context(self):

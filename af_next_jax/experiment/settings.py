@@ -125,9 +125,10 @@ class DataSettings:
                  f"{self.batch_size}: every row owns max_windows_per_batch / batch_size window slots (af_next_jax/"
                  f"batch.py); e.g. {-(-self.max_windows_per_batch // self.batch_size) * self.batch_size}")
 
-    def shard(self, shard: int, num_shards: int, split: str = "train"):
+    def shard(self, shard: int, num_shards: int, split: str = "train", slot_blocks: int = 1):
         """The DataConfig of data shard `shard` of `num_shards` (train/host_data.py): lines `shard::num_shards`
-        of every source, `batch_size / num_shards` rows and `max_windows_per_batch / num_shards` windows."""
+        of every source, `batch_size / num_shards` rows and `max_windows_per_batch / num_shards` windows,
+        each row's windows in `slot_blocks` blocks (Program.slot_blocks)."""
         from af_next_jax.data import DataConfig
 
         for name in ("batch_size", "max_windows_per_batch"):
@@ -136,7 +137,8 @@ class DataSettings:
         common = dict(tokenizer=self.tokenizer, seq_len=self.seq_len, batch_size=self.batch_size // num_shards,
                       max_windows_per_batch=self.max_windows_per_batch // num_shards,
                       max_windows_per_audio=self.max_windows_per_audio, num_workers=self.num_workers,
-                      num_threads=self.num_threads, seed=self.seed, process_index=shard, process_count=num_shards)
+                      num_threads=self.num_threads, seed=self.seed, process_index=shard, process_count=num_shards,
+                      slot_blocks=slot_blocks)
         if split == "train":
             return DataConfig(manifests=self.train_manifests, weights=self.weights, **common)
         if split == "heldout":

@@ -137,7 +137,7 @@ def _heldout_batches(program: Program):
     from af_next_jax.data import make_batch_iterator
 
     group = program.feeding.group_of(jax.process_index())
-    heldout = program.experiment.data.shard(group.index, program.feeding.num_groups, "heldout")
+    heldout = program.experiment.data.shard(group.index, program.feeding.num_groups, "heldout", program.slot_blocks)
     return lambda: make_batch_iterator(heldout, program.experiment.model)
 
 
@@ -264,7 +264,7 @@ def _host_batches(program: Program, iterator_states, saved_step):
                                      saved_shard_count(iterator_states), saved_step)
     group = plan.group_of(jax.process_index())
     shards = owned_shards(num_shards, group.index, plan.num_groups)
-    configs = {shard: data.shard(shard, num_shards) for shard in shards}
+    configs = {shard: data.shard(shard, num_shards, slot_blocks=program.slot_blocks) for shard in shards}
     batches = HostBatches({shard: make_batch_iterator(c, program.experiment.model) for shard, c in configs.items()},
                           num_shards)
     if iterator_states is not None:

@@ -101,3 +101,45 @@ def test_each_row_keeps_its_windows_in_its_own_slots():
     assert [int(ids[1]) for ids in batch["token_ids"]] == [11, 12, 0, 0]
     np.testing.assert_array_equal(batch["mel_valid_frames"], [500, 300, 500, 500, 0, 0, 0, 0])
     np.testing.assert_array_equal(batch["mel_windows"][:, 0, 0], [1, 3, 2, 2, 0, 0, 0, 0])
+
+
+def _window_slices(batch, row, slot_blocks):
+    """(block of each valid window's slot, slice of the row holding the window's first <sound> token)."""
+    seq_len = batch["token_ids"].shape[1]
+    per_row = len(batch["mel_valid_frames"]) // batch["token_ids"].shape[0]
+    frames = batch["mel_valid_frames"][row * per_row:(row + 1) * per_row]
+    slots = np.flatnonzero(frames)
+    tokens = encoder_tokens_for_frames(frames[slots].astype(np.int64))
+    sound_positions = np.flatnonzero(batch["token_ids"][row] == CONFIG.audio_token_id)
+    first_positions = sound_positions[np.cumsum(tokens) - tokens]
+    return slots // (per_row // slot_blocks), first_positions // (seq_len // slot_blocks)
+
+
+def test_with_slot_blocks_each_window_sits_in_the_block_of_its_first_tokens_slice():
+    """4 blocks of 2 slots a row, slices of 64 tokens: a window (25 tokens) goes to the block of the slice
+    its <sound> run starts in, in order, padding windows between the blocks."""
+    examples = [_example(1, 30, [100, 100]), _example(2, 70, [100]), _example(3, 20, [100, 100, 100])]
+    builder = BatchBuilder(2, 256, 16, MEL_SHAPE, pad_id=0, audio_token_id=CONFIG.audio_token_id, slot_blocks=4)
+    assert all(builder.try_add(example) for example in examples)
+    batch = builder.build()
+    batch.pop(STATS_KEY)
+    validate_batch(batch, CONFIG)
+    for row in range(2):
+        blocks, slices = _window_slices(batch, row, 4)
+        assert len(blocks) and blocks.tolist() == slices.tolist()
+    # Without blocks the windows of a row lead its slots: the first window of example 2 (row 0, starting
+    # after 30 + 50 + 3 + 70 tokens, slice 2) would sit in block 1.
+    plain = _pack(examples, max_windows=16)[0]
+    blocks, slices = _window_slices(plain, 0, 4)
+    assert blocks.tolist() != slices.tolist()
+
+
+def test_a_row_with_a_full_block_refuses_the_windows_that_start_in_its_slice():
+    """Blocks of one slot: a second window starting in slice 0 of row 0 makes the example go to row 1,
+    and to no row once both rows' slice 0 is taken."""
+    builder = BatchBuilder(2, 256, 8, MEL_SHAPE, pad_id=0, audio_token_id=CONFIG.audio_token_id, slot_blocks=4)
+    assert builder.try_add(_example(1, 5, [20]))
+    assert builder.try_add(_example(2, 5, [20]))       # slice 0 of row 0 is full: row 1
+    assert not builder.try_add(_example(3, 5, [20]))   # both are full
+    assert builder.try_add(_example(4, 70, [20]))      # its window starts in slice 1 of row 0
+    assert [len(examples) for examples in builder.rows] == [2, 1]

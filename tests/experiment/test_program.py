@@ -99,3 +99,33 @@ def test_a_replicated_dimension_is_reported_where_no_target_is_declared(demo_dat
     assert all("fsdp=8" in line for line in program.replicated)
     assert any("['params']['decoder']['embed_tokens'] dimension 1 (embed, size 62)" in line
                for line in program.replicated)
+
+
+def test_the_trainer_reads_windows_placed_in_the_block_of_their_slice(demo_data):
+    """long_context_debug (FSDP 2 x ring 2 x Ulysses 2, 8 fake CPU devices, 512 tokens a row): each row's 8 window slots
+    form 4 blocks, one per sequence slice, and the trainer's data puts every window in the block of the
+    slice holding its first <sound> token (model/audio_merge.py merges it from one hop away)."""
+    import numpy as np
+
+    from af_next_jax.config import encoder_tokens_for_frames
+
+    config = load_config("experiments/long_context_debug.py", [f"--config.data.dir={demo_data}",
+                                                               "--config.data.max_windows_per_batch=16",
+                                                               "--config.data.seq_len=512"])
+    program = loop.trainer_program(config)
+    assert program.slot_blocks == 4
+    batches, data_config = loop._host_batches(program, None, None)
+    assert data_config.slot_blocks == 4
+    batch = next(batches)
+    rows, seq_len = batch["token_ids"].shape
+    per_row = len(batch["mel_valid_frames"]) // rows
+    placed = 0
+    for row in range(rows):
+        frames = batch["mel_valid_frames"][row * per_row:(row + 1) * per_row]
+        slots = np.flatnonzero(frames)
+        tokens = encoder_tokens_for_frames(frames[slots].astype(np.int64))
+        sound = np.flatnonzero(batch["token_ids"][row] == program.experiment.model.audio_token_id)
+        first_slices = sound[np.cumsum(tokens) - tokens] // (seq_len // 4)
+        assert (slots // (per_row // 4)).tolist() == first_slices.tolist()
+        placed += len(slots)
+    assert placed > 0

@@ -87,6 +87,63 @@ def test_a_row_never_takes_another_rows_audio():
         np.testing.assert_array_equal(taken, own)
 
 
+def packed_rows(slot_blocks: int, seed: int = 3):
+    """ROWS rows of LENGTH tokens packed by the pipeline's BatchBuilder from random examples (text, one
+    audio of 1-3 windows of 1-TOKENS tokens, text; those that fit), 16 window slots a row: a merge input."""
+    from af_next_jax.config import encoder_tokens_for_frames
+    from af_next_jax.data.packing import BatchBuilder
+
+    rng = np.random.default_rng(seed)
+    slots = 16
+    builder = BatchBuilder(ROWS, LENGTH, ROWS * slots, (1, 1), pad_id=0, audio_token_id=AUDIO,
+                           slot_blocks=slot_blocks)
+    for _ in range(100):
+        frames = rng.choice([3, 7, 11, 15, 19, 23], rng.integers(1, 4))  # 1..6 encoder tokens each
+        sound = int(encoder_tokens_for_frames(frames).sum())
+        ids = np.concatenate([rng.integers(10, 50, rng.integers(1, 8)), np.full(sound, AUDIO),
+                              rng.integers(10, 50, rng.integers(1, 4))]).astype(np.int32)
+        example = {"token_ids": ids, "trainable": np.ones(len(ids), bool), "mel": np.zeros((len(frames), 1, 1)),
+                   "valid_frames": frames.astype(np.int32), "window_index": np.arange(len(frames)),
+                   "truncated_audio": 0}
+        builder.try_add(example)
+    batch = builder.build()
+    valid = np.arange(TOKENS)[None, :] < encoder_tokens_for_frames(batch["mel_valid_frames"])[:, None]
+    audio = rng.normal(size=(*valid.shape, WIDTH)).astype(np.float32)
+    text = rng.normal(size=(ROWS, LENGTH, WIDTH)).astype(np.float32)
+    return text, batch["token_ids"], audio, valid
+
+
+def test_windows_in_the_block_of_their_slice_come_from_one_hop_away(monkeypatch):
+    """fsdp 2 x ring 2 x Ulysses 2: 4 slices of 16 tokens a row. Packed into one block per slice
+    (data/packing.py), every window a device needs is its own or its left neighbour's: the merge's loop
+    runs one hop, and equals the old global merge; packed with each row's windows first, it runs more."""
+    hops = []
+    counted = audio_merge._hops_needed
+
+    def recording(*args):
+        needed = counted(*args)
+        jax.debug.callback(lambda value: hops.append(int(value)), needed)
+        return needed
+
+    monkeypatch.setattr(audio_merge, "_hops_needed", recording)
+    mesh_config = MeshConfig(fsdp=2, ring=2, ulysses=2)
+    most = {}
+    for slot_blocks in (4, 1):
+        text, token_ids, audio, valid = packed_rows(slot_blocks)
+        weights = np.random.default_rng(1).normal(size=text.shape).astype(np.float32)
+        expected = value_and_gradients(global_merge, text, token_ids, audio, valid, weights)
+        hops.clear()
+        with jax.set_mesh(make_mesh(mesh_config)), nn.logical_axis_rules(logical_axis_rules(mesh_config)):
+            assert audio_merge.slot_blocks(ROWS, LENGTH, len(audio)) == 4
+            sharded = value_and_gradients(audio_merge.merge_audio_into_text, text, token_ids, audio, valid, weights)
+            jax.effects_barrier()
+        most[slot_blocks] = max(hops)
+        np.testing.assert_array_equal(sharded[0], expected[0])
+        for got, want in zip(sharded[1], expected[1]):
+            np.testing.assert_array_equal(got, want)
+    assert most[4] == 1 and most[1] > 1, most
+
+
 def _largest_activation_collective(demo_data, merge=None, monkeypatch=None):
     """(elements of the largest array any collective of the compiled train step returns, elements of one
     row's audio or one row's embeddings, whichever is smaller): long_context_debug (FSDP 2 x ring 2 x
