@@ -4,7 +4,8 @@
 
 At stage 4 on v5p-64 (experiments/af_next_stage4_long_context.py) one row group holds all 8 hosts
 (docs/SCALING.md, "How stage 4 is fed"), so each host builds the whole batch: 8 rows of 128K tokens,
-1408 window slots, at most 8 x 174 = 1392 of them real 30 s windows of audio (11.6 hours per step).
+1536 window slots (one block of 6 per sequence slice), at most 8 x 174 = 1392 of them real 30 s windows
+of audio (11.6 hours per step).
 This times, on this host and one core, what one window costs: decoding a 16 kHz FLAC file (as the
 ArrayRecord shards store audio, and as a long recording is read) and its Whisper log-mel
 (af_next_jax/data/audio_features.py, the pipeline's own code), and scales it to one step of one host.
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     workers = data.num_workers
     print(f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; a "
           f"{args.minutes:g}-minute recording ({windows.num_windows} windows of 30 s), best of {args.repeats}; "
-          f"stage 4: {real_windows} real windows per step (1408 slots)\n")
+          f"stage 4: {real_windows} real windows per step ({data.max_windows_per_batch} slots)\n")
     print("| per 30 s window, one core | decode FLAC | log-mel | both |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| ms | {1e3 * decode:.1f} | {1e3 * featurise:.1f} | {1e3 * (decode + featurise):.1f} |\n")

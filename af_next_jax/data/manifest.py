@@ -35,7 +35,7 @@ SKIP_REASONS = (
     "nan_audio",           # NaN or inf samples
     "bad_span",            # start/end outside the file
     "too_long",            # the tokenised example is longer than the packing length
-    "too_many_windows",    # more windows than one batch can hold
+    "too_many_windows",    # more windows than a row can hold (or its windows crowd one slice: data/packing.py)
 )
 
 

@@ -17,6 +17,8 @@ the number of examples packed and of audios truncated at the window cap. `BatchI
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import grain
 
@@ -24,6 +26,8 @@ from af_next_jax.batch import windows_per_row
 from af_next_jax.config import encoder_tokens_for_frames
 from af_next_jax.data.audio_features import layout_windows
 from af_next_jax.data.manifest import SKIP_REASONS
+
+logger = logging.getLogger(__name__)
 
 STATS_KEY = "_data_stats"
 STAT_NAMES = SKIP_REASONS + ("examples", "truncated_audio")
@@ -129,6 +133,18 @@ class PackedBatchIterDataset(grain.IterDataset):
         return f"PackedBatchIterDataset{self._builder_args[:3]}"
 
 
+def _never_fits(builder_args, example: dict) -> bool:
+    """Whether not even an empty batch takes the example: more windows than a row's slots, or than a
+    block's when its windows crowd one slice. Such an example is skipped (and counted), not carried over."""
+    empty = BatchBuilder(*builder_args)
+    if empty.try_add(example):
+        return False
+    logger.warning("skipping an example of %d tokens: its %d windows do not fit the %d window slots of a row "
+                   "(in %d blocks of %d)", len(example["token_ids"]), len(example["valid_frames"]),
+                   empty.windows_per_row, empty.slot_blocks, empty.block_slots)
+    return True
+
+
 class _PackedBatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, builder_args):
         super().__init__(parent)
@@ -141,7 +157,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
     def __next__(self) -> dict:
         builder = BatchBuilder(*self._builder_args)
         if self._pending is not None:
-            builder.try_add(self._pending)
+            builder.try_add(self._pending)  # it fits an empty batch (`_never_fits`)
             self._pending = self._pending_state = None
         while True:
             state = self._parent.get_state()
@@ -154,6 +170,9 @@ class _PackedBatchIterator(grain.DatasetIterator):
             if "skip" in example:
                 builder.count_skip(example["skip"])
             elif not builder.try_add(example):
+                if _never_fits(self._builder_args, example):
+                    builder.count_skip("too_many_windows")
+                    continue
                 self._pending, self._pending_state = example, state
                 return builder.build()
 

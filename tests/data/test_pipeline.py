@@ -255,3 +255,16 @@ def test_batches_carry_the_audio_markers_of_the_model_family(demo_dir, tiny_conf
         assert markers.sum() == 2 * int(batch["segment_ids"].max(axis=1).sum())
     else:
         assert not markers.any()
+
+
+def test_example_with_more_windows_than_a_row_holds_is_skipped_not_packed_alone(demo_dir, tiny_config, tmp_path,
+                                                                                write_wav):
+    """2 rows x 2 window slots: a 3-window (12 s) audio fits the batch's 4 windows but no row; it is
+    counted as a skip, and no batch is left empty for it."""
+    path = _noise_manifest(tmp_path, write_wav, [(3.0, {}), (12.0, {}), (3.0, {})])
+    config = _config(demo_dir, manifests=(str(path),), num_epochs=1, shuffle=False, batch_size=2,
+                     max_windows_per_batch=4, skip_threshold=1.0)
+    iterator = make_batch_iterator(config, tiny_config)
+    batches = list(iterator)
+    assert {reason: count for reason, count in iterator.skip_counts().items() if count} == {"too_many_windows": 1}
+    assert [batch["mel_valid_frames"].tolist() for batch in batches] == [[300, 300, 0, 0]]  # first fit: row 0
