@@ -8,8 +8,8 @@ examples and an audio's `<sound>` run never straddles two rows.
 With `slot_blocks` = S > 1 (a sequence-parallel mesh: model/audio_merge.py `slot_blocks`), a row's
 slots form S equal blocks, one per slice of L / S tokens, and each window goes to the block of the slice
 that holds its first `<sound>` token: the device holding a slice then finds every window its slice
-needs on itself or its left neighbour. A row has room for an example only if each block has room for
-the example's windows that start in its slice.
+needs on itself or its left neighbour (when no window is longer than a slice). A row has room for an
+example only if each block has room for the example's windows that start in its slice.
 
 Each batch also carries `STATS_KEY`: per-reason counts of the examples skipped while it was built,
 the number of examples packed and of audios truncated at the window cap. `BatchIterator` pops it.

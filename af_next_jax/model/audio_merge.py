@@ -19,8 +19,8 @@ How far the blocks travel depends on where the windows sit. When a row's slots s
 per slice of the row (`slot_blocks`), the devices first swap blocks so that device s holds block s of
 each of its rows (`_transpose_blocks`: each device sends its own windows once); the data pipeline puts
 each window in the block of the slice holding its first `<sound>` token (data/packing.py), so a window
-is on the device of its first token or, when it straddles, on the left neighbour: one hop. Windows
-elsewhere still merge exactly, with more hops.
+is on the device of its first token or, when it straddles, on the left neighbour: one hop (when no
+window is longer than a slice). Windows elsewhere still merge exactly, with more hops.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def slot_blocks(rows: int, length: int, windows: int) -> int:
     of a sequence group when the windows are split over it (and a row's slots divide by that count),
     else 1. Block s of a row belongs to the s-th slice of the row's text: a host that puts each window
     in the block of the slice holding the window's first `<sound>` token (data/packing.py) lets the
-    merge fetch every window from the device itself or its left neighbour. Any order of the row's
-    windows stays correct; the block order only makes it cheap."""
+    merge fetch every window from the device itself or its left neighbour (windows no longer than a
+    slice). Any order of the row's windows stays correct; the block order only makes it cheap."""
     layout = _row_local_layout(rows, length, windows)
     if layout is None or not layout[2]:
         return 1

@@ -87,15 +87,15 @@ def test_a_row_never_takes_another_rows_audio():
         np.testing.assert_array_equal(taken, own)
 
 
-def packed_rows(slot_blocks: int, seed: int = 3):
-    """ROWS rows of LENGTH tokens packed by the pipeline's BatchBuilder from random examples (text, one
+def packed_rows(slot_blocks: int, rows: int = ROWS, seed: int = 3):
+    """`rows` rows of LENGTH tokens packed by the pipeline's BatchBuilder from random examples (text, one
     audio of 1-3 windows of 1-TOKENS tokens, text; those that fit), 16 window slots a row: a merge input."""
     from af_next_jax.config import encoder_tokens_for_frames
     from af_next_jax.data.packing import BatchBuilder
 
     rng = np.random.default_rng(seed)
     slots = 16
-    builder = BatchBuilder(ROWS, LENGTH, ROWS * slots, (1, 1), pad_id=0, audio_token_id=AUDIO,
+    builder = BatchBuilder(rows, LENGTH, rows * slots, (1, 1), pad_id=0, audio_token_id=AUDIO,
                            slot_blocks=slot_blocks)
     for _ in range(100):
         frames = rng.choice([3, 7, 11, 15, 19, 23], rng.integers(1, 4))  # 1..6 encoder tokens each
@@ -109,14 +109,20 @@ def packed_rows(slot_blocks: int, seed: int = 3):
     batch = builder.build()
     valid = np.arange(TOKENS)[None, :] < encoder_tokens_for_frames(batch["mel_valid_frames"])[:, None]
     audio = rng.normal(size=(*valid.shape, WIDTH)).astype(np.float32)
-    text = rng.normal(size=(ROWS, LENGTH, WIDTH)).astype(np.float32)
+    text = rng.normal(size=(rows, LENGTH, WIDTH)).astype(np.float32)
     return text, batch["token_ids"], audio, valid
 
 
-def test_windows_in_the_block_of_their_slice_come_from_one_hop_away(monkeypatch):
-    """fsdp 2 x ring 2 x Ulysses 2: 4 slices of 16 tokens a row. Packed into one block per slice
-    (data/packing.py), every window a device needs is its own or its left neighbour's: the merge's loop
-    runs one hop, and equals the old global merge; packed with each row's windows first, it runs more."""
+# (mesh, rows): 4 rows a device over 4 slices, and 4 rows a device over 8 slices (fewer rows than slices).
+SLICED_MESHES = {"fsdp2 ring2 ulysses2": (dict(fsdp=2, ring=2, ulysses=2), 8),
+                 "ring4 ulysses2": (dict(fsdp=1, ring=4, ulysses=2), 4)}
+
+
+@pytest.mark.parametrize("mesh_name", sorted(SLICED_MESHES))
+def test_windows_in_the_block_of_their_slice_come_from_one_hop_away(monkeypatch, mesh_name):
+    """Packed into one block per slice of the row (data/packing.py), every window a device needs is its
+    own or its left neighbour's (no window is longer than a slice): the merge's loop runs one hop, and
+    equals the old global merge; packed with each row's windows first, it runs more."""
     hops = []
     counted = audio_merge._hops_needed
 
@@ -126,22 +132,38 @@ def test_windows_in_the_block_of_their_slice_come_from_one_hop_away(monkeypatch)
         return needed
 
     monkeypatch.setattr(audio_merge, "_hops_needed", recording)
-    mesh_config = MeshConfig(fsdp=2, ring=2, ulysses=2)
+    sizes, rows = SLICED_MESHES[mesh_name]
+    mesh_config = MeshConfig(**sizes)
+    slices = sizes["ring"] * sizes["ulysses"]
     most = {}
-    for slot_blocks in (4, 1):
-        text, token_ids, audio, valid = packed_rows(slot_blocks)
+    for slot_blocks in (slices, 1):
+        text, token_ids, audio, valid = packed_rows(slot_blocks, rows)
         weights = np.random.default_rng(1).normal(size=text.shape).astype(np.float32)
         expected = value_and_gradients(global_merge, text, token_ids, audio, valid, weights)
         hops.clear()
         with jax.set_mesh(make_mesh(mesh_config)), nn.logical_axis_rules(logical_axis_rules(mesh_config)):
-            assert audio_merge.slot_blocks(ROWS, LENGTH, len(audio)) == 4
+            assert audio_merge.slot_blocks(rows, LENGTH, len(audio)) == slices
             sharded = value_and_gradients(audio_merge.merge_audio_into_text, text, token_ids, audio, valid, weights)
             jax.effects_barrier()
         most[slot_blocks] = max(hops)
         np.testing.assert_array_equal(sharded[0], expected[0])
         for got, want in zip(sharded[1], expected[1]):
             np.testing.assert_array_equal(got, want)
-    assert most[4] == 1 and most[1] > 1, most
+    assert most[slices] == 1 and most[1] > 1, most
+
+
+@pytest.mark.parametrize("rows, ring", [(1, 4), (2, 4), (4, 4), (8, 16), (8, 64), (16, 4), (3, 6)])
+def test_the_block_swap_rounds_move_every_block_once_to_its_slice(rows, ring):
+    """Block g = t R + u of device t (slot u) belongs on device g % ring at slot g // ring; each round is
+    a permutation of the ring (every device sends one block and receives one)."""
+    arrived = {}
+    for sent, placed, pairs in audio_merge._block_transpose_rounds(rows, ring):
+        assert sorted(source for source, _ in pairs) == sorted(target for _, target in pairs) == list(range(ring))
+        for source, target in pairs:
+            block = source * rows + sent[source]
+            assert (target, placed[target]) == (block % ring, block // ring)
+            arrived[block] = arrived.get(block, 0) + 1
+    assert arrived == {block: 1 for block in range(rows * ring)}
 
 
 def _largest_activation_collective(demo_data, merge=None, monkeypatch=None):
