@@ -117,12 +117,13 @@ def window_slots(batch_size: int, seq_len: int, devices: int, slot_blocks: int =
     in the block of the slice holding its first token (data/packing.py), so that the audio merge fetches
     a window from its own device or its left neighbour (model/audio_merge.py): a slice of seq_len / S
     tokens is where at most ceil(seq_len / S / 750) full windows start, so each block gets that many.
-    The window axis is split over every chip (data x fsdp x sequence axes): it is padded to a multiple
-    of the chips, since a count that does not divide would be replicated (every chip encoding every
-    window)."""
+    The window axis is split over every chip (data x fsdp x sequence axes): each row's count grows (by
+    whole blocks) until the total is a multiple of the chips, since a count that does not divide would
+    be replicated (every chip encoding every window)."""
     per_row = max(1, seq_len // 750) if slot_blocks == 1 else slot_blocks * -(-seq_len // slot_blocks // 750)
-    windows = batch_size * per_row
-    return -(-windows // devices) * devices
+    while batch_size * per_row % devices:
+        per_row += slot_blocks
+    return batch_size * per_row
 
 
 def af_next_7b_stage(*, stage: str, learning_rate: float, seq_len: int, windows_per_audio: int,
