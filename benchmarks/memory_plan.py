@@ -33,8 +33,9 @@ bf16 = the compute dtype). The peak is persistent + the largest moment.
                       input, w x P x 1280), only when the encoder trains (a frozen
                       encoder is never differentiated)
   encoder front       the convolutions' GELU inputs and outputs (3 at 2P, 2 at P positions per
-                      window) when the encoder trains; the projector's hidden state, its GELU and
-                      output (3 x w x 750 x D) when the projector trains
+                      window) when the encoder trains; the projector's hidden state and its GELU
+                      (2 x w x 750 x D, what its backward reads) and its output (w x 750 x D) when
+                      the projector trains
   text embeddings     this device's [b, L / seq shards, D] lookup
 2. Backward, at the decoder's last layer (the loss just differentiated):
   gradients           f32, the shard of every trained parameter (exact, from the shardings); twice
@@ -44,6 +45,8 @@ bf16 = the compute dtype). The peak is persistent + the largest moment.
                       every projection output (q, k, v, o, gate, up, down: t x (3D + 2 G d + 2F));
                       "none" keeps everything the backward reads (`_decoder_saved_per_token`)
   encoder residuals   as above
+  encoder front       as above, without the projector's output: kept until the encoder's and the
+                      projector's backward, which run after the decoder's
   layer weights       when the decoder trains: one layer's weights gathered in bf16 (x2: the next
                       layer's prefetched) and its weight gradient whole in f32 before the reduce-scatter
   layer or loss       the larger of one layer's backward working set (its intermediates and the
@@ -168,12 +171,15 @@ def plan(config, num_devices: int) -> Plan:
     at_slots = tokens * decoder.hidden_size * act  # the audio picked for this device's text positions
     embed_table = decoder.vocab_size // tensor * decoder.hidden_size * act
     frontend = windows * (3 * 2 * positions + 2 * positions) * encoder.hidden_size * act if "encoder" in trained else 0
-    projector = 3 * windows * encoder.tokens_per_window * decoder.hidden_size * act if "projector" in trained else 0
+    # The projector's hidden state and GELU output (what its backward reads) and its output (the merge's input).
+    projector_saved = 2 * windows * encoder.tokens_per_window * decoder.hidden_size * act if "projector" in trained else 0
+    projector_output = projector_saved // 2
     forward = {"embedding table, gathered": embed_table,
                "audio merge: a window block in flight (and swapped), audio at the text's slots":
                    ring_blocks + transposed + at_slots,
                "encoder residuals": encoder_saved,
-               "encoder convolutions and projector, kept for their backward": frontend + projector,
+               "encoder convolutions and projector, kept for their backward, and its output":
+                   frontend + projector_saved + projector_output,
                "text embeddings": tokens * decoder.hidden_size * act}
 
     chunk = largest_divisor_at_most(data.seq_len, trainer.loss_chunk_length)
@@ -195,7 +201,7 @@ def plan(config, num_devices: int) -> Plan:
                       "audio merge: block cotangents (x2, x3 swapped), cotangent at the text's slots":
                           2 * block + transposed + at_slots,
                       "encoder residuals": encoder_saved,
-                      "encoder convolutions and projector, kept for their backward": frontend + projector,
+                      "encoder convolutions and projector, kept for their backward": frontend + projector_saved,
                       "text embeddings cotangent": tokens * decoder.hidden_size * act,
                       # The embedding's gradient, when the decoder trains: the text cotangents scatter-added
                       # into a whole f32 [V, D] table (the lookup read a table replicated over fsdp); it is
@@ -206,6 +212,8 @@ def plan(config, num_devices: int) -> Plan:
                 "decoder residuals": decoder.num_layers * tokens * _decoder_saved_per_token(decoder, policy, tensor,
                                                                                             act),
                 "encoder residuals": encoder_saved,
+                # Kept from the forward until the encoder's and the projector's backward, after the decoder's.
+                "encoder convolutions and projector, kept for their backward": frontend + projector_saved,
                 "max(one layer's backward, loss chunk)": max(layer, loss_chunk),
                 # train/loss.py gathers the lm_head once, in bf16, for all chunks; libtpu keeps that copy
                 # from the loss through the decoder's backward (seen in its buffer assignment).

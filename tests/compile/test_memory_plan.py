@@ -51,17 +51,7 @@ def test_cached_figures_were_compiled_from_this_config(name):
         f"{name} changed since it was compiled: python benchmarks/scaling.py --recompile {name}"
 
 
-# Known gap (issue 25): under hybrid sequence parallelism the planner misses ~3.5 GiB per chip of what
-# libtpu keeps at 32K tokens a chip (planner / XLA 0.89-0.90 with `save_attention_out`, 2026-12-03), not
-# attributed yet. Strict: the mark fails the suite once the planner is right, so it must then be removed.
-_SEQUENCE_PARALLEL_GAP = pytest.mark.xfail(strict=True, reason="planner misses ~3.5 GiB per chip of the "
-                                           "sequence-parallel stages (not attributed yet)")
-PLANNED = tuple(pytest.param(name, marks=_SEQUENCE_PARALLEL_GAP)
-                if name in ("af_next_captioner", "af_next_stage4_long_context", "af_next_think") else name
-                for name in SEVEN_B)
-
-
-@pytest.mark.parametrize("name", PLANNED)
+@pytest.mark.parametrize("name", SEVEN_B)
 def test_planner_is_within_10_percent_of_the_compiled_live_peak(name):
     scaling = _scaling()
     compiled = scaling.load_cache()["tpu"][name]["train"]["peak_memory_in_bytes"]
