@@ -172,7 +172,8 @@ def plan(config, num_devices: int) -> Plan:
     embed_table = decoder.vocab_size // tensor * decoder.hidden_size * act
     frontend = windows * (3 * 2 * positions + 2 * positions) * encoder.hidden_size * act if "encoder" in trained else 0
     # The projector's hidden state and GELU output (what its backward reads) and its output (the merge's input).
-    projector_saved = 2 * windows * encoder.tokens_per_window * decoder.hidden_size * act if "projector" in trained else 0
+    projector_tokens = windows * encoder.tokens_per_window
+    projector_saved = 2 * projector_tokens * decoder.hidden_size * act if "projector" in trained else 0
     projector_output = projector_saved // 2
     forward = {"embedding table, gathered": embed_table,
                "audio merge: a window block in flight (and swapped), audio at the text's slots":

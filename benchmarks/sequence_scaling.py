@@ -5,8 +5,8 @@
 Stage 4 (experiments/af_next_stage4_long_context.py) on v5p-16, -32, -64 and -128 (8 to 64 chips):
 Ulysses 4 inside, the ring over the rest (chips / 4), the batch of 8 rows kept, and the sequence grown
 with the chips, 4,096 tokens per chip per row (32K to 256K); the window slots grow with it, one block
-of slots per sequence slice, as the experiment lays them out (experiments/common.py `window_slots`). Every layer has the same shapes at
-every point, so the step is compiled with `LAYERS` decoder and encoder layers to keep the compiles short;
+of slots per sequence slice, as the experiment lays them out (experiments/common.py `window_slots`).
+Every layer has the same shapes at every point, so the step is compiled with `LAYERS` decoder and encoder layers to keep the compiles short;
 the remat policy is the experiment's. Per chip, from libtpu's compile: the temporaries (activations and
 the collectives' buffers: what sequence parallelism must keep flat), the live peak, and the bytes each
 kind of collective moves in one step (`af_next_jax.compile.hlo_counts`: loops counted by trip count).

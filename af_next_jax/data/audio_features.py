@@ -119,7 +119,8 @@ def example_windows(features: Sequence[AudioFeatures], encoder: EncoderConfig) -
 
 
 def layout_windows(rows: Sequence[Sequence[Mapping[str, np.ndarray]]], num_windows: int,
-                   mel_shape: tuple[int, int], slots: Sequence[Sequence[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+                   mel_shape: tuple[int, int],
+                   slots: Sequence[Sequence[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
     """The audio fields of a batch (af_next_jax/batch.py): `mel_windows` [num_windows, *mel_shape],
     `mel_valid_frames` and `window_index` [num_windows].
 
